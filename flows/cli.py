@@ -1,0 +1,67 @@
+"""``unlearn``: the one command. Subcommands register themselves from small modules so each
+area (library commands, the release pipeline, reports) owns its own file; heavy imports
+happen inside the handlers so ``unlearn --help`` stays fast.
+
+Exit codes: 0 ok, 1 gate or validation failure, 2 usage error (bad arguments or input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Modules that add subcommands: each has ``register(subparsers)``.
+COMMAND_MODULES = ("flows.cli_library", "flows.cli_pipeline")
+
+
+class UsageError(Exception):
+    """Bad arguments or input from outside: printed on one line, exit code 2."""
+
+
+class Failure(Exception):
+    """A validation or gate failure: printed on one line, exit code 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unlearn",
+        description="Instance-wise machine unlearning as a release pipeline "
+                    "(Cha et al., AAAI 2024): delete training instances from a deployed "
+                    "classifier and ship every deletion batch as a gated, versioned release.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # an area not installed in this checkout
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args) or EXIT_OK)
+    except UsageError as e:
+        print(f"unlearn {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Failure as e:
+        print(f"unlearn {args.command}: failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Unlearning methods behind one registry; importing this package registers them all."""
+
+from . import baselines, l2ul, l2ul_reference  # noqa: F401  (registration side effect)
+from .base import (
+    OBJECTIVES, ForgetSet, MethodInfo, RetainSample, UnlearnResult, get_method, list_methods,
+    make_config, unlearn,
+)
+
+__all__ = [
+    "OBJECTIVES", "ForgetSet", "MethodInfo", "RetainSample", "UnlearnResult", "get_method",
+    "list_methods", "make_config", "unlearn",
+]

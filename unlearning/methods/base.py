@@ -1,0 +1,255 @@
+"""What every unlearning method shares: the forget set, objectives, the registry, the loop.
+
+A method is a function ``(model, forget, config, retain, ctx) -> None`` that updates
+``model`` in place through ``ctx.step(loss)``; :func:`unlearn` copies the model first, bounds
+the loop, checks the objective after every step and stops as soon as it is met.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..train import Progress, predict_logits
+
+OBJECTIVES = ("misclassify", "relabel")
+MISCLASSIFY = -1  # value of ``relabel_to`` for rows whose objective is misclassify
+
+
+@dataclass(frozen=True)
+class ForgetSet:
+    """Forget instances and, per row, what "forgotten" means.
+
+    ``avoid`` is the label a misclassify row must move away from (its original label, or the
+    original model's prediction); ``relabel_to`` is the new label of a relabel row, or -1.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    avoid: torch.Tensor
+    relabel_to: torch.Tensor
+    ids: tuple[int, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        objectives: str | list[str],
+        new_labels: list[int | None] | torch.Tensor | None = None,
+        away_from: str = "label",
+        model: nn.Module | None = None,
+        num_classes: int | None = None,
+        ids: list[int] | tuple[int, ...] = (),
+    ) -> ForgetSet:
+        k = len(x)
+        if k == 0:
+            raise ValueError("the forget set is empty")
+        objs = [objectives] * k if isinstance(objectives, str) else list(objectives)
+        if len(objs) != k or any(o not in OBJECTIVES for o in objs):
+            raise ValueError(f"objectives must be one of {OBJECTIVES} per instance")
+        if away_from not in ("label", "prediction"):
+            raise ValueError("away_from must be 'label' or 'prediction'")
+        if away_from == "prediction":
+            if model is None:
+                raise ValueError("away_from='prediction' needs the original model")
+            avoid = predict_logits(model, x).argmax(1)
+        else:
+            avoid = y.clone()
+        new = [None] * k if new_labels is None else [
+            None if v is None else int(v) for v in (new_labels.tolist() if torch.is_tensor(new_labels) else new_labels)
+        ]
+        relabel_to = torch.full((k,), MISCLASSIFY, dtype=torch.long)
+        for i, (o, v) in enumerate(zip(objs, new)):
+            if o == "relabel":
+                if v is None or v < 0 or (num_classes is not None and v >= num_classes):
+                    raise ValueError(f"row {i}: relabel needs a new label in range, got {v}")
+                if v == int(y[i]):
+                    raise ValueError(f"row {i}: new label {v} equals the current label")
+                relabel_to[i] = v
+            elif v is not None:
+                raise ValueError(f"row {i}: new_label is only allowed for relabel")
+        return cls(x=x, y=y.long(), avoid=avoid.long(), relabel_to=relabel_to, ids=tuple(ids))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def is_relabel(self) -> torch.Tensor:
+        return self.relabel_to >= 0
+
+    def satisfied(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-row bool: relabel rows predicted as their new label, others away from ``avoid``."""
+        pred = logits.argmax(1)
+        return torch.where(self.is_relabel, pred == self.relabel_to, pred != self.avoid)
+
+    def satisfied_by(self, model: nn.Module) -> torch.Tensor:
+        return self.satisfied(predict_logits(model, self.x))
+
+    @staticmethod
+    def concat(parts: list[ForgetSet]) -> ForgetSet:
+        """One forget set holding every row of ``parts`` (e.g. all earlier deletions)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        ids = tuple(i for p in parts for i in p.ids)
+        return ForgetSet(cat("x"), cat("y"), cat("avoid"), cat("relabel_to"), ids)
+
+    def subset(self, idx: torch.Tensor) -> ForgetSet:
+        ids = tuple(self.ids[i] for i in idx.tolist()) if self.ids else ()
+        return ForgetSet(self.x[idx], self.y[idx], self.avoid[idx], self.relabel_to[idx], ids)
+
+
+@dataclass(frozen=True)
+class RetainSample:
+    """Optional, privileged: a small sample of the data the model must keep (<= 1% of train)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def directional_ce(logits: torch.Tensor, forget: ForgetSet, reduction: str = "mean") -> torch.Tensor:
+    """-CE toward ``avoid`` on misclassify rows, +CE toward ``relabel_to`` on relabel rows.
+
+    This is the reference code's forget term (unbounded below for misclassify rows).
+    """
+    target = torch.where(forget.is_relabel, forget.relabel_to, forget.avoid)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    signed = torch.where(forget.is_relabel, ce, -ce)
+    return signed.mean() if reduction == "mean" else signed.sum() if reduction == "sum" else signed
+
+
+@dataclass
+class UnlearnResult:
+    model: nn.Module
+    reached: bool
+    steps: int
+    seconds: float
+    satisfied: int
+    total: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Context:
+    """Owns the optimiser step, the bound on steps and the early stop on the objective."""
+
+    def __init__(self, model: nn.Module, forget: ForgetSet, max_steps: int,
+                 generator: torch.Generator, progress: Progress | None):
+        self.model = model
+        self.forget = forget
+        self.max_steps = max_steps
+        self.g = generator
+        self.progress = progress
+        self.steps = 0
+        self.reached = bool(forget.satisfied_by(model).all())
+        self.info: dict[str, Any] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.reached or self.steps >= self.max_steps
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+        """One optimiser step, then the objective check. Returns True when the loop must end."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.steps += 1
+        ok = self.forget.satisfied_by(self.model)
+        self.reached = bool(ok.all())
+        if self.progress and (self.reached or self.steps % 10 == 0):
+            self.progress(self.steps, self.max_steps,
+                          f"satisfied {int(ok.sum())}/{len(ok)} loss {loss.item():.3f}")
+        return self.done
+
+
+MethodFn = Callable[[nn.Module, ForgetSet, Any, "RetainSample | None", Context], None]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    fn: MethodFn
+    config_cls: type
+    summary: str
+    needs_retain: bool = False
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register(name: str, config_cls: type, summary: str, needs_retain: bool = False):
+    def deco(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        _REGISTRY[name] = MethodInfo(name, fn, config_cls, summary, needs_retain)
+        return fn
+    return deco
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodInfo:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(list_methods())}")
+    return _REGISTRY[name]
+
+
+def make_config(name: str, params: dict[str, Any] | None = None):
+    """The method's config with ``params`` applied; unknown keys and wrong types are errors."""
+    cls = get_method(name).config_cls
+    params = dict(params or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) for {name}: {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(fields))}")
+    defaults = cls()
+    for key, value in params.items():
+        expected = type(getattr(defaults, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            params[key] = float(value)
+        elif not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            raise ValueError(f"{name}.{key} must be {expected.__name__}, got {value!r}")
+    return dataclasses.replace(defaults, **params)
+
+
+def unlearn(
+    method: str,
+    model: nn.Module,
+    forget: ForgetSet,
+    params: dict[str, Any] | Any | None = None,
+    retain: RetainSample | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> UnlearnResult:
+    """Run ``method`` on a copy of ``model``; the original is never modified."""
+    info = get_method(method)
+    config = params if dataclasses.is_dataclass(params) else make_config(method, params)
+    if info.needs_retain and retain is None:
+        raise ValueError(f"method {method!r} needs a retain sample")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    work = copy.deepcopy(model)
+    for p in work.parameters():
+        p.requires_grad_(True)
+    start = time.perf_counter()
+    ctx = Context(work, forget, int(getattr(config, "max_steps")), g, progress)
+    if not ctx.reached:
+        info.fn(work, forget, config, retain, ctx)
+    work.eval()
+    ok = forget.satisfied_by(work)
+    return UnlearnResult(
+        model=work, reached=bool(ok.all()), steps=ctx.steps,
+        seconds=time.perf_counter() - start, satisfied=int(ok.sum()), total=len(ok),
+        info=ctx.info,
+    )

@@ -1,0 +1,105 @@
+"""Deterministic supervised training and evaluation helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Progress = Callable[[int, int, str], None]  # (done, total, message)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch and make CPU kernels deterministic; return a generator for sampling."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    augment: bool = False  # random shifts by up to 2 pixels
+
+
+def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    dx, dy = torch.randint(-max_shift, max_shift + 1, (2,), generator=g).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    progress: Progress | None = None,
+) -> nn.Module:
+    """SGD with a cosine schedule; same seed and data give the same weights on CPU."""
+    g = seed_everything(config.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, nesterov=True)
+    steps_per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
+    total = config.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total, 1),
+                                                pct_start=0.15)
+    model.train()
+    step = 0
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(x), generator=g)
+        running = 0.0
+        for b in range(steps_per_epoch):
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            xb = x[idx]
+            if config.augment:
+                xb = _shift(xb, g)
+            loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            running += loss.item()
+            if progress and (b + 1 == steps_per_epoch or step % 50 == 0):
+                progress(step, total, f"epoch {epoch + 1}/{config.epochs} loss {running / (b + 1):.3f}")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits in eval mode, batched; restores the model's previous mode."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) \
+        if len(x) else torch.empty(0)
+    model.train(was_training)
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in percent (0.0 for an empty set)."""
+    if len(x) == 0:
+        return 0.0
+    return 100.0 * (predict_logits(model, x).argmax(1) == y).float().mean().item()
+
+
+def pretrain(dataset, arch: str, config: TrainConfig, progress: Progress | None = None):
+    """Build ``arch`` for ``dataset`` and train it on the whole training split.
+
+    Returns (model, spec). Deterministic for a seed on CPU.
+    """
+    from .models import build_model, spec_for
+
+    spec = spec_for(arch, dataset)
+    torch.manual_seed(config.seed)
+    model = build_model(spec)
+    train_classifier(model, dataset.train_x, dataset.train_y, config, progress)
+    return model, spec
