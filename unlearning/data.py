@@ -86,8 +86,8 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
 
 
 def _as_dataset(name, xtr, ytr, xte, yte, class_names) -> ImageDataset:
-    to_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    to_y = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))  # noqa: E731
+    to_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    to_y = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))
     return ImageDataset(
         name=name,
         train_x=to_x(xtr), train_y=to_y(ytr), test_x=to_x(xte), test_y=to_y(yte),
@@ -138,7 +138,7 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> ImageDataset:
     ytr = read_idx(_find(root, "train-labels-idx1-ubyte"))
     xte = read_idx(_find(root, "t10k-images-idx3-ubyte"))
     yte = read_idx(_find(root, "t10k-labels-idx1-ubyte"))
-    to_float = lambda a: (a.astype(np.float32) / 255.0)[:, None]  # noqa: E731
+    to_float = lambda a: (a.astype(np.float32) / 255.0)[:, None]
     return _as_dataset("fashion-mnist", to_float(xtr), ytr, to_float(xte), yte,
                        FASHION_MNIST_CLASSES)
 
@@ -165,7 +165,7 @@ def load_cifar(root: str | os.PathLike, num_classes: int = 10) -> ImageDataset:
         parts = [unpickle(base / "train")]
         test = unpickle(base / "test")
         names = unpickle(base / "meta")["fine_label_names"]
-    to_x = lambda d: (np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32) / 255.0)  # noqa: E731
+    to_x = lambda d: (np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32) / 255.0)
     xtr = np.concatenate([to_x(p) for p in parts])
     ytr = np.concatenate([np.asarray(p[key]) for p in parts])
     return _as_dataset(f"cifar{num_classes}", xtr, ytr, to_x(test), np.asarray(test[key]), names)

@@ -2,8 +2,15 @@
 
 from . import baselines, l2ul, l2ul_reference  # noqa: F401  (registration side effect)
 from .base import (
-    OBJECTIVES, ForgetSet, MethodInfo, RetainSample, UnlearnResult, get_method, list_methods,
-    make_config, unlearn,
+    OBJECTIVES,
+    ForgetSet,
+    MethodInfo,
+    RetainSample,
+    UnlearnResult,
+    get_method,
+    list_methods,
+    make_config,
+    unlearn,
 )
 
 __all__ = [

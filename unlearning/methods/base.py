@@ -99,7 +99,7 @@ class ForgetSet:
         """One forget set holding every row of ``parts`` (e.g. all earlier deletions)."""
         if not parts:
             raise ValueError("nothing to concatenate")
-        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])
         ids = tuple(i for p in parts for i in p.ids)
         return ForgetSet(cat("x"), cat("y"), cat("avoid"), cat("relabel_to"), ids)
 
@@ -180,16 +180,19 @@ class MethodInfo:
     config_cls: type
     summary: str
     needs_retain: bool = False
+    accepts_retain: bool = False
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
 
 
-def register(name: str, config_cls: type, summary: str, needs_retain: bool = False):
+def register(name: str, config_cls: type, summary: str, needs_retain: bool = False,
+             accepts_retain: bool = False):
     def deco(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        _REGISTRY[name] = MethodInfo(name, fn, config_cls, summary, needs_retain)
+        _REGISTRY[name] = MethodInfo(name, fn, config_cls, summary, needs_retain,
+                                     accepts_retain or needs_retain)
         return fn
     return deco
 
@@ -237,13 +240,15 @@ def unlearn(
     config = params if dataclasses.is_dataclass(params) else make_config(method, params)
     if info.needs_retain and retain is None:
         raise ValueError(f"method {method!r} needs a retain sample")
+    if retain is not None and not info.accepts_retain:
+        raise ValueError(f"method {method!r} does not use a retain sample")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     work = copy.deepcopy(model)
     for p in work.parameters():
         p.requires_grad_(True)
     start = time.perf_counter()
-    ctx = Context(work, forget, int(getattr(config, "max_steps")), g, progress)
+    ctx = Context(work, forget, int(config.max_steps), g, progress)
     if not ctx.reached:
         info.fn(work, forget, config, retain, ctx)
     work.eval()

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..attacks import adversarial_set
 from ..importance import anchor_penalty, inverted_importance, mas_importance
+from ..synthesis import invert_batchnorm
 from .base import Context, ForgetSet, directional_ce, register
 
 
@@ -45,19 +46,25 @@ class L2ULConfig:
     forget_loss: str = "margin"  # "margin" | "neg-ce" (reference)
     margin: float = 1.0
     anchor_loss: str = "kl"  # "kl" | "ce" (reference: CE on the adversarial target labels)
-    anchor_weight: float = 1.0
+    anchor_weight: float = 100.0
+    anchor_decay: float = 0.99  # per step, on forget-derived anchors (not on a retain sample)
+    neighbour_shifts: int = 4  # shifted copies per forget instance; 0 switches them off
+    max_shift: int = 3
+    neighbour_weight: float = 0.1  # relative to the other anchors
     adv_per_instance: int = 4
     pgd_eps_rms: float = 0.07  # L2 radius as per-pixel RMS (the reference eps=4 on CIFAR)
     pgd_steps: int = 10
-    mixup_anchors: int = 256  # 0 switches mixup anchors off
-    anchor_batch: int = 256
+    mixup_anchors: int = 0  # 0 switches mixup anchors off
+    synthetic_anchors: int = 256  # BN-inverted images started from mixups; 0 = off
+    synthesis_steps: int = 30
+    anchor_batch: int = 128
     freeze_bn: bool = True
     optimizer: str = "adam"  # "adam" | "sgd" (reference: SGD lr 1e-3, momentum 0.9)
-    lr: float = 1e-3
+    lr: float = 3e-4
     reg_lambda: float = 1.0
     use_importance: bool = True
     retain_weight: float = 1.0
-    max_steps: int = 300
+    max_steps: int = 600
 
 
 def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float) -> torch.Tensor:
@@ -73,9 +80,26 @@ def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float) -> torch
     return F.relu(gap + margin).mean()
 
 
-def distill(logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student), averaged over the batch."""
-    return F.kl_div(F.log_softmax(logits, 1), teacher_probs, reduction="batchmean")
+def distill(logits: torch.Tensor, teacher_probs: torch.Tensor,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) per row, averaged over the batch (optionally row-weighted)."""
+    kl = F.kl_div(F.log_softmax(logits, 1), teacher_probs, reduction="none").sum(1)
+    return kl.mean() if weight is None else (kl * weight).mean()
+
+
+def shifted_copies(x: torch.Tensor, copies: int, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """``copies`` translations of every image by a random non-zero offset of <= max_shift px."""
+    if copies <= 0 or max_shift <= 0:
+        return x[:0]
+    offsets = [(dy, dx) for dy in range(-max_shift, max_shift + 1)
+               for dx in range(-max_shift, max_shift + 1) if (dy, dx) != (0, 0)]
+    pick = torch.randint(0, len(offsets), (copies, len(x)), generator=g)
+    out = torch.empty((copies, *x.shape), dtype=x.dtype)
+    for c in range(copies):
+        for i in range(len(x)):
+            dy, dx = offsets[int(pick[c, i])]
+            out[c, i] = torch.roll(x[i], shifts=(dy, dx), dims=(1, 2))
+    return out.flatten(0, 1)
 
 
 def mixup_pairs(x: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -90,7 +114,7 @@ def mixup_pairs(x: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
 
 @register("l2ul", L2ULConfig,
           "the project's L2UL: bounded forget loss, distilled adversarial + mixup anchors, "
-          "frozen BatchNorm, inverted MAS importance")
+          "frozen BatchNorm, inverted MAS importance", accepts_retain=True)
 def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> None:
     if cfg.forget_loss not in ("margin", "neg-ce") or cfg.anchor_loss not in ("kl", "ce") \
             or cfg.optimizer not in ("adam", "sgd"):
@@ -109,11 +133,24 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
                                       eps, 2.5 * eps / max(cfg.pgd_steps, 1), cfg.pgd_steps, ctx.g)
     pool = torch.cat([forget.x, x_adv])
     x_mix = mixup_pairs(pool, cfg.mixup_anchors, ctx.g)
-    x_anchor = torch.cat([x_adv, x_mix])
+    x_near = shifted_copies(forget.x, cfg.neighbour_shifts, cfg.max_shift, ctx.g)
+    x_syn = invert_batchnorm(model, mixup_pairs(pool, cfg.synthetic_anchors, ctx.g),
+                             cfg.synthesis_steps, ctx.g) if cfg.synthetic_anchors else x_mix[:0]
+    x_anchor = torch.cat([x_adv, x_mix, x_near, x_syn])
     with torch.no_grad():
-        teacher = F.softmax(model(x_anchor), 1) if len(x_anchor) else None
-        retain_teacher = F.softmax(model(retain.x), 1) if retain is not None else None
-    ctx.info.update(adversarial_examples=len(x_adv), mixup_anchors=len(x_mix))
+        teacher = F.softmax(model(x_anchor), 1)
+    # Reference variant: hard CE on the adversarial targets (other anchors: teacher argmax).
+    hard = torch.cat([y_adv, teacher[len(x_adv):].argmax(1)])
+    row_weight = torch.ones(len(x_anchor))
+    row_weight[len(x_adv) + len(x_mix): len(x_adv) + len(x_mix) + len(x_near)] = cfg.neighbour_weight
+    perm = torch.randperm(len(x_anchor), generator=ctx.g)  # mix anchor kinds in every batch
+    x_anchor, teacher, hard, row_weight = x_anchor[perm], teacher[perm], hard[perm], row_weight[perm]
+    if retain is not None:  # privileged real data: its own batches, distilled the same way
+        with torch.no_grad():
+            retain_teacher = F.softmax(model(retain.x), 1)
+        retain_cursor = 0
+    ctx.info.update(adversarial_examples=len(x_adv), mixup_anchors=len(x_mix),
+                    neighbour_anchors=len(x_near), synthetic_anchors=len(x_syn))
 
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -122,6 +159,7 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
 
     n_anchor = len(x_anchor)
     cursor = 0
+    weight = cfg.anchor_weight
     while not ctx.done:
         model.train(not cfg.freeze_bn)
         logits = model(forget.x)
@@ -131,16 +169,16 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
             idx = torch.arange(cursor, cursor + min(cfg.anchor_batch, n_anchor)) % n_anchor
             cursor = (cursor + len(idx)) % n_anchor
             out = model(x_anchor[idx])
-            if cfg.anchor_loss == "kl":
-                anchor = distill(out, teacher[idx])
-            else:  # reference: hard CE on adversarial targets (mixups get the teacher argmax)
-                hard = torch.cat([y_adv, teacher[len(x_adv):].argmax(1)])
-                anchor = F.cross_entropy(out, hard[idx])
-            loss = loss + cfg.anchor_weight * anchor
+            anchor = distill(out, teacher[idx], row_weight[idx]) if cfg.anchor_loss == "kl" \
+                else (F.cross_entropy(out, hard[idx], reduction="none") * row_weight[idx]).mean()
+            loss = loss + weight * anchor
         if retain is not None:
-            r_out = model(retain.x)
-            loss = loss + cfg.retain_weight * (distill(r_out, retain_teacher)
-                                               + F.cross_entropy(r_out, retain.y))
+            ridx = torch.arange(retain_cursor, retain_cursor + min(cfg.anchor_batch, len(retain.x)))
+            ridx = ridx % len(retain.x)
+            retain_cursor = int(ridx[-1] + 1) % len(retain.x)
+            loss = loss + cfg.anchor_weight * cfg.retain_weight * distill(model(retain.x[ridx]),
+                                                                          retain_teacher[ridx])
         if weights:
             loss = loss + cfg.reg_lambda * anchor_penalty(model, anchor_params, weights)
         ctx.step(opt, loss)
+        weight *= cfg.anchor_decay

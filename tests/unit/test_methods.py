@@ -1,0 +1,76 @@
+"""The method registry, configs, forget sets, bounded loops and determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unlearning.benchmark import forget_set_for, variants_for
+from unlearning.methods import ForgetSet, RetainSample, list_methods, make_config, unlearn
+from unlearning.models import weights_sha256
+
+
+def test_registry_lists_the_methods_and_refuses_unknown_names():
+    assert {"neggrad", "random-label", "l2ul-reference", "l2ul"} <= set(list_methods())
+    with pytest.raises(KeyError, match="unknown method"):
+        make_config("delete-everything")
+    with pytest.raises(KeyError):
+        variants_for(["nope"])
+
+
+def test_configs_refuse_unknown_keys_and_wrong_types():
+    assert make_config("l2ul", {"lr": 1}).lr == 1.0  # int accepted for a float
+    with pytest.raises(ValueError, match="unknown parameter"):
+        make_config("l2ul", {"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="must be int"):
+        make_config("neggrad", {"max_steps": "10"})
+    with pytest.raises(ValueError, match="must be bool"):
+        make_config("l2ul", {"freeze_bn": 1})
+
+
+def test_forget_set_rules():
+    x, y = torch.rand(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="empty"):
+        ForgetSet.build(x[:0], y[:0], "misclassify")
+    with pytest.raises(ValueError, match="equals the current label"):
+        ForgetSet.build(x, y, "relabel", [1, 0, 0], num_classes=10)
+    with pytest.raises(ValueError, match="only allowed for relabel"):
+        ForgetSet.build(x, y, "misclassify", [4, None, None])
+    with pytest.raises(ValueError, match="in range"):
+        ForgetSet.build(x, y, "relabel", [4, 5, 10], num_classes=10)
+    fs = ForgetSet.build(x, y, ["relabel", "misclassify", "misclassify"], [4, None, None],
+                         num_classes=10)
+    logits = torch.zeros(3, 10)
+    logits[0, 4] = logits[1, 2] = logits[2, 0] = 1.0
+    assert fs.satisfied(logits).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("method", ["neggrad", "random-label", "l2ul-reference", "l2ul"])
+def test_every_loop_is_bounded_and_the_parent_is_untouched(digits_model, method):
+    model, ds = digits_model
+    before = weights_sha256(model)
+    forget = forget_set_for(ds, "misclassify", 8, seed=0)
+    params = {"max_steps": 3}
+    if method == "l2ul-reference":
+        params.update(pgd_steps=2, adv_per_instance=2)
+    res = unlearn(method, model, forget, params, seed=0)
+    assert res.steps <= 3
+    assert weights_sha256(model) == before
+
+
+def test_unlearning_is_deterministic_for_a_seed(digits_model):
+    model, ds = digits_model
+    forget = forget_set_for(ds, "relabel", 8, seed=1)
+    params = {"max_steps": 20, "synthesis_steps": 5}
+    a = unlearn("l2ul", model, forget, params, seed=7)
+    b = unlearn("l2ul", model, forget, params, seed=7)
+    assert weights_sha256(a.model) == weights_sha256(b.model)
+
+
+def test_retain_sample_only_for_methods_that_use_one(digits_model):
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 4, seed=0)
+    retain = RetainSample(ds.train_x[-10:], ds.train_y[-10:])
+    with pytest.raises(ValueError, match="does not use a retain sample"):
+        unlearn("neggrad", model, forget, {"max_steps": 1}, retain=retain)
+    assert unlearn("l2ul", model, forget, {"max_steps": 1}, retain=retain).steps <= 1
