@@ -1,30 +1,32 @@
 """``l2ul``: the project's method. Same principle as Cha et al. (only the pre-trained model and
 the forget set are required; adversarial examples and weight importance protect the rest),
-changed where the published recipe destroys the model. Each change is a switch, so the
-ablation (``unlearn bench --ablation``) can turn it off alone:
+changed where the published recipe destroys the model. Why: fine-tuning a sharp classifier
+on a handful of typical training images moves class-wide features, so every nearby test
+image moves with them; the published recipe has nothing that says where *not* to move.
+Each change is a switch, so ``unlearn bench --ablation`` can turn it off alone:
 
 1. ``forget_loss="margin"``: a bounded hinge on the logit margin replaces -CE. -CE is
-   unbounded below: once an instance is misclassified it keeps pushing, and its gradient
-   grows as the prediction moves away, which is what wrecks the rest of the model. The hinge
-   stops pulling on an instance once it is ``margin`` logits past the boundary.
-2. ``anchor_loss="kl"``: the adversarial examples are distilled toward the *original model's
-   full output distribution* instead of a hard CE on their target label. They then pin the
-   function around every forget instance (all logits, not one), which is what "keeps the
-   decision boundary" needs.
-3. ``mixup_anchors``: convex mixtures of pairs of forget instances (and of their adversarial
-   examples) distilled the same way: cheap inputs spread between the forget instances rather
-   than at them, so the function is anchored over a wider region of input space with no data
-   beyond the forget set.
-4. ``freeze_bn``: BatchNorm keeps the pre-trained running statistics during the update;
-   batches of a few forget or adversarial images are not the data distribution, and updating
-   the statistics with them shifts every prediction.
-5. ``optimizer="adam"`` with a fixed small step and per-step early stop; few PGD steps with a
-   large step size (the reference used 100 steps of 0.1): a fraction of the cost.
-6. Importance: inverted MAS as in the paper, with ``reg_lambda`` scaled because the anchor is
-   now a distillation term rather than the main brake.
+   unbounded below and keeps pushing instances that are already forgotten; the hinge stops
+   pulling once an instance is ``margin`` logits past its boundary.
+2. ``anchor_loss="kl"``: anchors are distilled toward the *original model's whole output
+   distribution* instead of a hard CE on one target label, so they pin every logit.
+3. Anchors that say where not to move, all derived from the model and the forget set:
+   the paper's targeted adversarial examples (``adv_per_instance``); small translations of
+   each forget instance (``neighbour_shifts``, at ``neighbour_weight``): on-manifold
+   neighbours that must keep their prediction while the instance itself moves; and
+   ``synthetic_anchors``: images inverted from the model's BatchNorm statistics (see
+   ``unlearning.synthesis``), started from mixtures of forget instances, a data-free stand-in
+   for the rest of the training distribution.
+4. ``anchor_decay``: the forget-derived anchors are strong at first (``anchor_weight``) and
+   relax geometrically, so instances they block are eventually freed and the objective is
+   reached (a release that misses it fails its gate) with no more collateral than needed.
+5. ``freeze_bn``: BatchNorm keeps the pre-trained running statistics during the update;
+   batches of a few forget images are not the data distribution.
+6. ``optimizer="adam"``, few PGD steps with a large step size (the reference: 100 of 0.1).
+7. Importance: inverted MAS as in the paper (``use_importance``, ``reg_lambda``).
 
-An optional retain sample (``RetainSample``, at most 1% of the training set) adds a
-distillation + CE term on it; it is never required.
+An optional retain sample (``RetainSample``, at most 1% of the training set) is distilled
+the same way at full ``anchor_weight`` (it does not decay); it is never required.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class L2ULConfig:
     margin: float = 1.0
     anchor_loss: str = "kl"  # "kl" | "ce" (reference: CE on the adversarial target labels)
     anchor_weight: float = 100.0
-    anchor_decay: float = 0.99  # per step, on forget-derived anchors (not on a retain sample)
+    anchor_decay: float = 0.995  # per step, on forget-derived anchors (not on a retain sample)
     neighbour_shifts: int = 4  # shifted copies per forget instance; 0 switches them off
     max_shift: int = 3
     neighbour_weight: float = 0.1  # relative to the other anchors
@@ -64,7 +66,7 @@ class L2ULConfig:
     reg_lambda: float = 1.0
     use_importance: bool = True
     retain_weight: float = 1.0
-    max_steps: int = 600
+    max_steps: int = 800
 
 
 def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float) -> torch.Tensor:

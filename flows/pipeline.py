@@ -1,0 +1,353 @@
+"""The release pipeline as Prefect flows: pretrain, process-deletions, promote, rollback.
+
+Every flow takes ``home`` (the state folder; default: see ``tasks.paths.find_home``) so a
+scheduled run knows where the state lives, and returns a small dict with a ``status``:
+``ok``, ``refused`` (a guard said no: nothing changed) or ``failed`` (a precondition does not
+hold). Unexpected errors raise: the flow run fails and the batch in hand stays pending.
+
+One batch (DESIGN §3): validate -> fetch champion -> unlearn -> evaluate -> gates -> register
+-> (candidate, promote to champion) -> ledger. Nothing is marked done before the champion
+alias has moved; ``tasks.lineage.reconcile`` finishes the ledger if a run died between the
+two, and refuses a champion that lacks a committed deletion.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from tasks import registry, release
+from tasks.ledger import Ledger
+from tasks.lineage import LineageError, guard, missing_reason, previous_champion, reconcile
+from tasks.params import PipelineParams, load_params
+from tasks.paths import Paths, find_home
+from tasks.steps import (
+    evaluate_model,
+    fetch_model,
+    gate_candidate,
+    mark_candidate,
+    promote_model,
+    record_batch,
+    record_release,
+    register_model,
+    run_unlearning,
+    train_model,
+    validate_forget_set,
+)
+from tasks.submit import file_lock
+
+
+class PipelineError(RuntimeError):
+    """A state the pipeline cannot continue from (e.g. the registry disagrees with the ledger)."""
+
+
+def setup(home: str | None) -> tuple[Paths, PipelineParams]:
+    paths = Paths(Path(home).resolve() if home else find_home())
+    cfg = load_params(paths.params_file)
+    cfg.runtime.apply()
+    return paths, cfg
+
+
+def _shape(tags: dict[str, str]) -> tuple[int, int, int]:
+    c, h, w = (int(s) for s in tags["input_shape"].split("x"))
+    return c, h, w
+
+
+def input_shape(paths: Paths, cfg: PipelineParams) -> tuple[int, int, int]:
+    """The champion's input shape (C, H, W), or the dataset's before there is a champion."""
+    client = registry.connect(paths, cfg)
+    version = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
+    if version is not None:
+        tags = registry.version_info(client, cfg.registry.model_name, version).tags
+        if "input_shape" in tags:
+            return _shape(tags)
+    return release.dataset_of(cfg).image_shape
+
+
+def dataset_mismatch(client, cfg: PipelineParams, version: int) -> str | None:
+    """A reason if ``version`` was trained on another dataset than params.yaml names."""
+    trained_on = registry.version_info(client, cfg.registry.model_name, version).tags.get("dataset")
+    if trained_on and trained_on != cfg.dataset.name:
+        return (f"the champion (version {version}) was trained on {trained_on!r} but "
+                f"params.yaml says dataset.name: {cfg.dataset.name!r}")
+    return None
+
+
+def _busy(paths: Paths) -> dict[str, Any]:
+    return {"status": "failed", "reason": f"another pipeline run holds {paths.lock}"}
+
+
+# -- pretrain ---------------------------------------------------------------------------------
+
+
+@flow(name="pretrain")
+def pretrain_flow(home: str | None = None, dataset: str | None = None, arch: str | None = None,
+                  epochs: int | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Train the base model and register it as version 1, the first ``champion``."""
+    paths, cfg = setup(home)
+    if dataset:
+        cfg = cfg.with_overrides("dataset", name=dataset)
+    cfg = cfg.with_overrides("pretrain", arch=arch, epochs=epochs, seed=seed)
+    with file_lock(paths.lock, wait=False) as got:
+        if not got:
+            return _busy(paths)
+        client = registry.connect(paths, cfg)
+        existing = registry.list_versions(client, cfg.registry.model_name)
+        if existing:
+            return {"status": "refused", "reason": (
+                f"{cfg.registry.model_name} already has {len(existing)} version(s); a new base "
+                "model would not contain the deletions applied so far. Use a fresh state folder "
+                "(UNLEARN_HOME) to start over")}
+        trained = train_model(paths, cfg)
+        data = release.dataset_of(cfg)
+        spec = trained["spec"]
+        tags = {
+            "parent_version": "none", "batch_id": "none", "request_ids": "", "objective": "none",
+            "method": "pretrain", "dataset": cfg.dataset.name, "arch": spec["arch"],
+            "input_shape": f"{spec['in_channels']}x{spec['image_size']}x{spec['image_size']}",
+            "seed": cfg.pretrain.seed, "status": "passed", "gates_passed": "true",
+            **_revs(paths, cfg), "weights_sha256": trained["weights_sha256"],
+        }
+        metrics = {k: trained[k] for k in ("train_acc", "test_acc")}
+        metrics["test_acc_before"] = metrics["test_acc"]
+        version = register_model(
+            paths, cfg, run_name="pretrain", checkpoint=trained["path"], tags=tags,
+            metrics={**metrics, "train_seconds": trained["seconds"]},
+            params={k: v for k, v in cfg.flat().items()
+                    if k.split(".")[0] in ("dataset", "pretrain")},
+            artifacts={}, input_example=data.test_x[:4].numpy())
+        record_release(paths, version, None, [], True)
+        promote_model(paths, cfg, version)
+        with Ledger(paths.ledger) as ledger:
+            ledger.record_promotion(version, None, "pretrain")
+    get_run_logger().info("registered %s version %s as champion", cfg.registry.model_name, version)
+    return {"status": "ok", "version": version, **metrics, "seconds": trained["seconds"]}
+
+
+def _revs(paths: Paths, cfg: PipelineParams) -> dict[str, str]:
+    return {"data_rev": release.data_rev(paths.home), "code_rev": release.code_rev(),
+            "params_sha256": cfg.sha256()}
+
+
+# -- one batch --------------------------------------------------------------------------------
+
+
+def _batch_tags(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
+                candidate: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
+    rows = [r for b in batches for r in release.read_rows(paths.manifest(b))]
+    objectives = sorted({r["objective"] for r in rows})
+    return {
+        **parent["tags"], **_revs(paths, cfg),
+        "parent_version": parent["version"], "batch_id": ",".join(batches),
+        "request_ids": ",".join(r["request_id"] for r in rows),
+        "objective": objectives[0] if len(objectives) == 1 else "mixed",
+        "method": cfg.unlearn.method, "seed": candidate["seed"],
+        "weights_sha256": candidate["weights_sha256"],
+        "gates_passed": "true" if gates["passed"] else "false",
+        "status": "passed" if gates["passed"] else "failed",
+        "gate_failures": ",".join(gates["failures"]),
+    }
+
+
+def _register(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
+              candidate: dict[str, Any], metrics: dict[str, Any], gates: dict[str, Any],
+              run_name: str) -> int:
+    folder = Path(candidate["path"]).parent
+    params = {**cfg.flat(), "batch_ids": ",".join(batches), "parent_version": parent["version"]}
+    artifacts = {
+        "reports": [str(folder / f"{n}.json") for n in ("metrics", "gates", "unlearn", "validation")],
+        "manifests": [str(paths.manifest(b)) for b in batches],
+    }
+    version = register_model(
+        paths, cfg, run_name=run_name, checkpoint=candidate["path"],
+        tags=_batch_tags(paths, cfg, parent, batches, candidate, gates),
+        metrics={**metrics, "gates_passed": float(gates["passed"])}, params=params,
+        artifacts=artifacts, input_example=release.dataset_of(cfg).test_x[:4].numpy())
+    record_release(paths, version, parent["version"], batches, gates["passed"])
+    mark_candidate(paths, cfg, version, gates["passed"])
+    return version
+
+
+def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str) -> dict[str, Any]:
+    """Validate, unlearn, evaluate, gate, register and (if it passes) promote one batch."""
+    start = time.perf_counter()
+    name = cfg.registry.model_name
+    champion = registry.alias_version(client, name, registry.CHAMPION)
+    if champion is None:
+        raise PipelineError(f"the champion alias of {name} disappeared during the run")
+    tags = registry.version_info(client, name, champion).tags
+    checked = validate_forget_set(paths, cfg, batch_id, _shape(tags))
+    if not checked["success"]:
+        reason = "validation: " + checked["summary"]
+        record_batch(paths, batch_id, "rejected", reason=reason, report=checked)
+        return {"batch_id": batch_id, "state": "rejected", "reason": reason}
+    parent = fetch_model(paths, cfg, champion)
+    with Ledger(paths.ledger) as ledger:
+        earlier = ledger.covered_batches(champion)
+    out = paths.batch_dir(batch_id) / "candidate.pt"
+    candidate = run_unlearning(paths, cfg, parent, batch_id, earlier, out)
+    metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, earlier)
+    gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
+    version = _register(paths, cfg, parent, [batch_id], candidate, metrics, gates,
+                        run_name=f"unlearn-{batch_id}")
+    if gates["passed"]:
+        promote_model(paths, cfg, version)
+        record_batch(paths, batch_id, "done", version=version, report={"gates": gates},
+                     promotion=(version, champion, "promote"))
+        state, reason = "done", None
+    else:
+        reason = "gates: " + gates["summary"]
+        record_batch(paths, batch_id, "rejected", version=version, reason=reason,
+                     report={"gates": gates})
+        state = "rejected"
+    total = time.perf_counter() - start
+    return {"batch_id": batch_id, "state": state, "version": version, "parent": champion,
+            "reason": reason, "metrics": metrics, "gates": gates,
+            "seconds": total, "unlearn_seconds": candidate["seconds"]}
+
+
+@flow(name="process-deletions")
+def process_deletions_flow(home: str | None = None) -> dict[str, Any]:
+    """Apply every pending batch in submission order, each from the current champion."""
+    paths, cfg = setup(home)
+    logger = get_run_logger()
+    with file_lock(paths.lock, wait=False) as got:
+        if not got:
+            return _busy(paths)
+        client = registry.connect(paths, cfg)
+        champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
+        if champion is None:
+            return {"status": "failed", "reason": "no champion yet: run `unlearn pretrain`"}
+        mismatch = dataset_mismatch(client, cfg, champion)
+        if mismatch:
+            return {"status": "failed", "reason": mismatch}
+        with Ledger(paths.ledger) as ledger:
+            try:
+                reconciled = reconcile(ledger, champion)
+            except LineageError as e:
+                return {"status": "failed", "reason": str(e)}
+            pending = [b.batch_id for b in ledger.batches("pending")]
+        results = []
+        for batch_id in pending:
+            result = _apply_batch(paths, cfg, client, batch_id)
+            logger.info("%s: %s%s", batch_id, result["state"],
+                        f" (version {result['version']})" if result.get("version") else "")
+            results.append(result)
+        champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
+    return {"status": "ok", "batches": results, "champion": champion, "reconciled": reconciled}
+
+
+# -- promote and rollback ---------------------------------------------------------------------
+
+
+def _set_champion(paths: Paths, cfg: PipelineParams, version: int, action: str,
+                  note: str | None = None) -> dict[str, Any]:
+    previous = promote_model(paths, cfg, version)
+    with Ledger(paths.ledger) as ledger:
+        ledger.record_promotion(version, previous, action, note)
+    return {"status": "ok", "champion": version, "previous": previous, "action": action}
+
+
+@flow(name="promote")
+def promote_flow(version: int, home: str | None = None) -> dict[str, Any]:
+    """Make ``version`` the champion, if it passed its gates and holds every deletion."""
+    paths, cfg = setup(home)
+    with file_lock(paths.lock, wait=False) as got:
+        if not got:
+            return _busy(paths)
+        client = registry.connect(paths, cfg)
+        if not _exists(client, cfg, version):
+            return _unknown(cfg, version)
+        champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
+        if champion == version:
+            return {"status": "ok", "champion": version, "previous": version, "action": "none"}
+        with Ledger(paths.ledger) as ledger:
+            why, missing = guard(ledger, version)
+            if why is None and missing:
+                why = missing_reason(ledger, version, missing, "Use `unlearn rollback --to "
+                                     f"{version} --reapply` to replay them onto it instead")
+        if why:
+            return {"status": "refused", "reason": why, "champion": champion}
+        return _set_champion(paths, cfg, version, "promote")
+
+
+def _exists(client, cfg: PipelineParams, version: int) -> bool:
+    try:
+        registry.version_info(client, cfg.registry.model_name, version)
+    except registry.RegistryError:
+        return False
+    return True
+
+
+def _unknown(cfg: PipelineParams, version: int) -> dict[str, Any]:
+    return {"status": "invalid", "reason": f"{cfg.registry.model_name} has no version {version}"}
+
+
+def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) -> dict[str, Any]:
+    """Apply ``missing`` batches in order onto ``target``; register the result as one version."""
+    base = fetch_model(paths, cfg, target)
+    with Ledger(paths.ledger) as ledger:
+        earlier = ledger.covered_batches(target)
+    current, steps = base, list[dict[str, Any]]()
+    for batch_id in missing:
+        out = paths.artifacts / "replay" / f"from-v{target}" / batch_id / "candidate.pt"
+        candidate = run_unlearning(paths, cfg, current, batch_id, earlier, out)
+        metrics = evaluate_model(paths, cfg, current, candidate, batch_id, earlier)
+        gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
+        steps.append({"batch_id": batch_id, "gates": gates, "metrics": metrics})
+        earlier = earlier + [batch_id]
+        current = {**candidate, "version": None, "tags": base["tags"]}
+        if not gates["passed"]:
+            break
+    passed = all(s["gates"]["passed"] for s in steps) and len(steps) == len(missing)
+    gates = {**steps[-1]["gates"], "passed": passed,
+             "failures": sorted({f for s in steps for f in s["gates"]["failures"]})}
+    version = _register(paths, cfg, base, missing[: len(steps)], current, steps[-1]["metrics"],
+                        gates, run_name=f"replay-onto-v{target}")
+    return {"version": version, "passed": passed, "steps": steps, "gates": gates}
+
+
+@flow(name="rollback")
+def rollback_flow(to: int | None = None, reapply: bool = False,
+                  home: str | None = None) -> dict[str, Any]:
+    """Point the champion back at ``to`` (default: the champion before the current one).
+
+    Refused when ``to`` lacks a committed deletion, unless ``reapply``: then the missing
+    batches are replayed onto ``to`` and the result, if it passes the gates, becomes champion.
+    """
+    paths, cfg = setup(home)
+    with file_lock(paths.lock, wait=False) as got:
+        if not got:
+            return _busy(paths)
+        client = registry.connect(paths, cfg)
+        champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
+        if champion is None:
+            return {"status": "failed", "reason": "no champion yet: nothing to roll back"}
+        with Ledger(paths.ledger) as ledger:
+            target = to if to is not None else previous_champion(ledger, champion)
+            if target is None:
+                return {"status": "refused", "champion": champion,
+                        "reason": f"no earlier champion recorded before version {champion}"}
+            if not _exists(client, cfg, target):
+                return _unknown(cfg, target)
+            why, missing = guard(ledger, target)
+            if why is None and missing and not reapply:
+                why = missing_reason(ledger, target, missing, "Use --reapply to replay them onto "
+                                     f"version {target} as a new version")
+        if why:
+            return {"status": "refused", "reason": why, "champion": champion, "target": target}
+        if target == champion:
+            return {"status": "ok", "champion": champion, "previous": champion, "action": "none"}
+        if not missing:
+            return _set_champion(paths, cfg, target, "rollback")
+        replay = _replay(paths, cfg, target, missing)
+        if not replay["passed"]:
+            return {"status": "failed", "champion": champion, "version": replay["version"],
+                    "reason": f"replay onto version {target} failed its gates: "
+                              + ", ".join(replay["gates"]["failures"])}
+        result = _set_champion(paths, cfg, replay["version"], "rollback-reapply",
+                               note=f"v{target} + {', '.join(missing)}")
+        return {**result, "target": target, "replayed": missing}

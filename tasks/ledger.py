@@ -1,0 +1,224 @@
+"""The request ledger: deletion batches, their requests, releases and promotions (SQLite, WAL).
+
+A batch is ``pending`` (accepted, not applied yet), ``done`` (its deletion is in the champion
+lineage; ``version`` names the release that applied it) or ``rejected`` (with a reason and a
+report). Every state change is one transaction, so a failure leaves a batch pending or
+rejected, never half-done. MLflow keeps no alias history, so promotions are recorded here
+(rollback reads them), together with each release's parent and the batches it applied.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id   TEXT PRIMARY KEY,
+    seq        INTEGER NOT NULL UNIQUE,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'done', 'rejected')),
+    source     TEXT NOT NULL,
+    rows       INTEGER NOT NULL,
+    submitted  REAL NOT NULL,
+    updated    REAL NOT NULL,
+    version    INTEGER,
+    reason     TEXT,
+    report     TEXT
+);
+CREATE TABLE IF NOT EXISTS requests (
+    batch_id    TEXT NOT NULL REFERENCES batches(batch_id),
+    row         INTEGER NOT NULL,
+    request_id  TEXT,
+    instance_id INTEGER,
+    objective   TEXT,
+    new_label   INTEGER,
+    PRIMARY KEY (batch_id, row)
+);
+CREATE TABLE IF NOT EXISTS releases (
+    version INTEGER PRIMARY KEY,
+    parent  INTEGER,
+    batches TEXT NOT NULL,
+    passed  INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS promotions (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    version  INTEGER NOT NULL,
+    previous INTEGER,
+    action   TEXT NOT NULL,
+    note     TEXT,
+    at       REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    seq: int
+    state: str
+    source: str
+    rows: int
+    submitted: float
+    updated: float
+    version: int | None
+    reason: str | None
+    report: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "report"}
+
+
+class Ledger:
+    """A thin wrapper over one SQLite file; open per command, close when done."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Ledger:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def next_seq(self) -> int:
+        row = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM batches").fetchone()
+        return int(row[0])
+
+    def add_batch(self, batch_id: str, seq: int, state: str, source: str,
+                  rows: list[dict[str, Any]], reason: str | None = None,
+                  report: dict[str, Any] | None = None) -> None:
+        """Record a submitted batch and its requests in one transaction."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                (batch_id, seq, state, source, len(rows), now, now, reason,
+                 json.dumps(report) if report is not None else None),
+            )
+            db.executemany(
+                "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?)",
+                [(batch_id, i + 1, r.get("request_id"), r.get("instance_id"),
+                  r.get("objective"), r.get("new_label")) for i, r in enumerate(rows)],
+            )
+
+    def set_state(self, batch_id: str, state: str, version: int | None = None,
+                  reason: str | None = None, report: dict[str, Any] | None = None,
+                  promotion: tuple[int, int | None, str] | None = None) -> None:
+        """Finish a batch (and record the promotion that went with it) atomically."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE batches SET state=?, version=?, reason=?, report=?, updated=? "
+                "WHERE batch_id=? AND state='pending'",
+                (state, version, reason, json.dumps(report) if report is not None else None,
+                 time.time(), batch_id),
+            )
+            if promotion is not None:
+                self._promote(db, *promotion, note=batch_id)
+
+    def batch(self, batch_id: str) -> Batch | None:
+        row = self.db.execute("SELECT * FROM batches WHERE batch_id=?", (batch_id,)).fetchone()
+        return _batch(row) if row else None
+
+    def batches(self, state: str | None = None) -> list[Batch]:
+        sql, args = "SELECT * FROM batches", tuple[str, ...]()
+        if state:
+            sql, args = sql + " WHERE state=?", (state,)
+        return [_batch(r) for r in self.db.execute(sql + " ORDER BY seq", args)]
+
+    def requests(self, batch_id: str | None = None) -> list[dict[str, Any]]:
+        sql = ("SELECT r.*, b.state, b.version, b.reason FROM requests r "
+               "JOIN batches b USING (batch_id)")
+        args: tuple = ()
+        if batch_id:
+            sql, args = sql + " WHERE r.batch_id=?", (batch_id,)
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY b.seq, r.row", args)]
+
+    def claimed_instances(self, exclude_batch: str | None = None) -> set[int]:
+        """Instance ids deleted (done) or awaiting deletion (pending) in other batches."""
+        rows = self.db.execute(
+            "SELECT r.instance_id FROM requests r JOIN batches b USING (batch_id) "
+            "WHERE b.state IN ('pending', 'done') AND b.batch_id IS NOT ?", (exclude_batch,))
+        return {int(r[0]) for r in rows if r[0] is not None}
+
+    def claimed_request_ids(self, exclude_batch: str | None = None) -> set[str]:
+        rows = self.db.execute(
+            "SELECT r.request_id FROM requests r JOIN batches b USING (batch_id) "
+            "WHERE b.state IN ('pending', 'done') AND b.batch_id IS NOT ?", (exclude_batch,))
+        return {str(r[0]) for r in rows if r[0] is not None}
+
+    # -- releases and promotions ------------------------------------------------------------
+
+    def add_release(self, version: int, parent: int | None, batches: list[str],
+                    passed: bool) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?, ?)",
+                       (version, parent, json.dumps(batches), int(passed), time.time()))
+
+    def release(self, version: int) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM releases WHERE version=?", (version,)).fetchone()
+        if row is None:
+            return None
+        return {**dict(row), "batches": json.loads(row["batches"]), "passed": bool(row["passed"])}
+
+    def covered_batches(self, version: int) -> list[str]:
+        """Batches applied in the lineage of ``version`` (its own and all its ancestors')."""
+        out: list[str] = []
+        seen: set[int] = set()
+        current: int | None = version
+        while current is not None and current not in seen:
+            seen.add(current)
+            rel = self.release(current)
+            if rel is None:
+                break
+            out = rel["batches"] + out
+            current = rel["parent"]
+        return out
+
+    def record_promotion(self, version: int, previous: int | None, action: str,
+                         note: str | None = None) -> None:
+        with self.transaction() as db:
+            self._promote(db, version, previous, action, note)
+
+    @staticmethod
+    def _promote(db: sqlite3.Connection, version: int, previous: int | None, action: str,
+                 note: str | None = None) -> None:
+        db.execute("INSERT INTO promotions (version, previous, action, note, at) "
+                   "VALUES (?, ?, ?, ?, ?)", (version, previous, action, note, time.time()))
+
+    def promotions(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM promotions ORDER BY seq")]
+
+
+def _batch(row: sqlite3.Row) -> Batch:
+    d = dict(row)
+    d["report"] = json.loads(d["report"]) if d["report"] else None
+    return Batch(**d)

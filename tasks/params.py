@@ -1,0 +1,185 @@
+"""``params.yaml`` loaded into one validated, frozen config object.
+
+One section per step, nested mappings of scalars only (DVC reads the same file). Unknown
+keys, missing sections and wrong types are errors that name the key; the unlearning
+method's own parameters are checked against the method's config (``make_config``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DatasetParams(_Section):
+    name: str = "digits"
+    data_dir: str = ""  # empty: the dataset's default location
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from unlearning.data import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        return name
+
+
+class PretrainParams(_Section):
+    arch: str = "small-cnn"
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    seed: int = 0
+    augment: bool = False
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, arch: str) -> str:
+        from unlearning.models import ARCHITECTURES
+
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        return arch
+
+
+class ValidationParams(_Section):
+    max_batch_size: int = Field(default=256, ge=1)
+
+
+class UnlearnParams(_Section):
+    method: str = "l2ul"
+    seed: int = 0  # mixed with each batch id into that batch's seed
+    include_earlier: bool = True  # earlier deletions join the forget set, so they stay deleted
+    params: dict[str, int | float | bool | str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _method_params(self) -> UnlearnParams:
+        from unlearning.methods import make_config
+
+        try:
+            make_config(self.method, self.params)
+        except (KeyError, ValueError) as e:
+            raise ValueError(str(e).strip("'\"")) from None
+        return self
+
+
+class EvaluateParams(_Section):
+    mia: bool = True  # membership-inference metrics (reported, not gated)
+    mia_max_per_side: int = Field(default=500, ge=10)
+
+
+class GatesParams(_Section):
+    min_objective_rate: float = Field(default=100.0, ge=0, le=100)
+    max_test_drop: float = Field(default=3.0, ge=0, le=100)
+    min_earlier_objective_rate: float = Field(default=100.0, ge=0, le=100)
+    require_finite_weights: bool = True
+
+
+class RegistryParams(_Section):
+    model_name: str = Field(default="forget-classifier", min_length=1)
+    experiment: str = Field(default="unlearning", min_length=1)
+
+
+class RuntimeParams(_Section):
+    torch_threads: int = Field(default=1, ge=0)  # 0: torch's default
+
+    def apply(self) -> None:
+        import torch
+
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+
+
+class PipelineParams(_Section):
+    dataset: DatasetParams = DatasetParams()
+    pretrain: PretrainParams = PretrainParams()
+    validation: ValidationParams = ValidationParams()
+    unlearn: UnlearnParams = UnlearnParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    gates: GatesParams = GatesParams()
+    registry: RegistryParams = RegistryParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+    def sha256(self) -> str:
+        """Hash of the effective parameters (canonical JSON), recorded on every release."""
+        blob = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def flat(self) -> dict[str, Any]:
+        """``{"unlearn.params.lr": 1e-4, ...}`` for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump())
+        return out
+
+    def with_overrides(self, section: str, **values: Any) -> PipelineParams:
+        """A copy with some keys of one section replaced (validated like the file)."""
+        data = self.model_dump()
+        data[section].update({k: v for k, v in values.items() if v is not None})
+        return parse_params(data, source="command line")
+
+
+def _describe(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"] if p)
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        elif err["type"] == "value_error":
+            parts.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            parts.append(f"{key}: {err['msg'].lower()} (got {err.get('input')!r})")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_params(data: Any, source: str = "params") -> PipelineParams:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return PipelineParams.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(_describe(e, source)) from None
+
+
+def load_params(path: str | Path) -> PipelineParams:
+    """Read and validate a params file; raise ParamsError with a one-line reason."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ParamsError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_params(data, source=str(path))

@@ -1,0 +1,216 @@
+"""MLflow: tracking runs, the model registry, aliases, and loading a version's weights.
+
+Each release version carries two copies of the same weights:
+
+- the logged MLflow model, ``serialization_format="pt2"`` (torch.export with a dynamic batch
+  dimension): what a consumer loads with ``mlflow.pytorch.load_model("models:/NAME@champion")``
+  without this project's code and without unpickling anything;
+- ``checkpoint/model.pt``, the weights-only state dict plus the ModelSpec: what the pipeline
+  itself loads (``torch.load(weights_only=True)``), checked against the ``weights_sha256`` tag.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .params import PipelineParams
+from .paths import Paths
+
+CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
+CHAMPION, CANDIDATE = "champion", "candidate"
+PIP_REQUIREMENTS = ["torch==2.14.1", "numpy"]
+LINEAGE_TAGS = ("parent_version", "batch_id", "request_ids", "objective", "method", "data_rev",
+                "code_rev", "params_sha256", "weights_sha256", "dataset", "arch", "input_shape",
+                "seed", "status")
+CARRIED_TAGS = ("dataset", "arch", "input_shape")  # copied from parent to child versions
+METRIC_TAGS = ("forget_acc", "objective_rate", "relabel_success", "test_acc_before", "test_acc",
+               "test_drop", "earlier_objective_rate", "weights_finite", "mia_efficacy",
+               "loss_mia_auc", "steps", "train_acc")
+
+
+class RegistryError(RuntimeError):
+    """The registry is not in the state an operation needs (no champion, unknown version)."""
+
+
+def connect(paths: Paths, cfg: PipelineParams):
+    """Point MLflow at the project's store; make sure the experiment exists. Returns a client."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = paths.tracking_uri
+    if uri == paths.default_tracking_uri:
+        paths.mlruns.mkdir(parents=True, exist_ok=True)
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # the registry follows it unless MLFLOW_REGISTRY_URI is set
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that, so the next state folder
+    # this process serves (tests, `serve`) is not mistaken for a user's override
+    if user_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_uri
+    if mlflow.get_experiment_by_name(cfg.registry.experiment) is None:
+        mlflow.create_experiment(cfg.registry.experiment, artifact_location=paths.artifact_root)
+    mlflow.set_experiment(cfg.registry.experiment)
+    return MlflowClient(tracking_uri=uri,
+                        registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+
+
+def _not_found(e: Exception) -> bool:
+    """MLflow's "no such model / version / alias" (anything else is a real failure)."""
+    return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def alias_version(client, name: str, alias: str) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        if _not_found(e):
+            return None
+        raise
+
+
+def version_info(client, name: str, version: int):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as e:
+        if _not_found(e):
+            raise RegistryError(f"model {name!r} has no version {version}") from None
+        raise
+
+
+def list_versions(client, name: str) -> list[dict[str, Any]]:
+    """Every version of ``name`` as plain data (see ``describe_version``), oldest first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}'")
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as e:
+        if _not_found(e):
+            return []
+        raise
+    by_version: dict[int, list[str]] = {}
+    for alias, version in aliases.items():  # search results carry no aliases
+        by_version.setdefault(int(version), []).append(alias)
+    return sorted((describe_version(v, by_version.get(int(v.version), [])) for v in found),
+                  key=lambda d: d["version"])
+
+
+def fetch_version(paths: Paths, client, name: str, version: int) -> dict[str, Any]:
+    """Download a version's weights-only checkpoint and verify it against weights_sha256."""
+    from unlearning.models import CheckpointError, load_checkpoint
+
+    mv = version_info(client, name, version)
+    sha = mv.tags.get("weights_sha256")
+    if not sha:
+        raise RegistryError(f"{name} version {version} has no weights_sha256 tag")
+    target = paths.model_file(version)
+    try:  # a verified local copy saves the download
+        load_checkpoint(target, expected_sha256=sha)
+    except CheckpointError:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        downloaded = Path(client.download_artifacts(mv.run_id, CHECKPOINT_ARTIFACT,
+                                                    str(target.parent / f".v{version}")))
+        downloaded.replace(target)
+        load_checkpoint(target, expected_sha256=sha)  # raises CheckpointError on a mismatch
+    return {"version": version, "path": str(target), "weights_sha256": sha,
+            "tags": {k: mv.tags[k] for k in CARRIED_TAGS if k in mv.tags}}
+
+
+def register_release(
+    paths: Paths,
+    cfg: PipelineParams,
+    *,
+    run_name: str,
+    checkpoint: str,
+    tags: dict[str, Any],
+    metrics: dict[str, Any],
+    params: dict[str, Any],
+    artifacts: dict[str, list[str]],
+    input_example: Any,
+) -> int:
+    """One MLflow run (params, metrics, reports, checkpoint, pt2 model) and its model version.
+
+    Returns the new version number. The version carries ``tags`` (lineage, gates_passed) and
+    the numeric metrics as tags too, so ``releases`` reads one object per version.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    from unlearning.models import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint, tags.get("weights_sha256"))
+    name = cfg.registry.model_name
+    numeric = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with mlflow.start_run(run_name=run_name):
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        mlflow.log_metrics(numeric)
+        with tempfile.TemporaryDirectory() as tmp:  # always stored as checkpoint/model.pt
+            named = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
+            shutil.copyfile(checkpoint, named)
+            mlflow.log_artifact(str(named), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
+        for folder, files in artifacts.items():
+            for path in files:
+                if Path(path).is_file():
+                    mlflow.log_artifact(path, artifact_path=folder)
+        with torch.no_grad():
+            output = model(torch.as_tensor(input_example)).numpy()
+        info = mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pt2", input_example=input_example,
+            signature=infer_signature(input_example, output),
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+        version_tags = {k: str(v) for k, v in tags.items()}
+        version_tags.update({k: f"{numeric[k]:.4f}" for k in METRIC_TAGS if k in numeric})
+        mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+        mlflow.set_tag("registered_version", mv.version)
+    return int(mv.version)
+
+
+def log_validation(paths: Paths, cfg: PipelineParams, batch_id: str, report_path: Path,
+                   manifest_path: Path, report: dict[str, Any]) -> str:
+    """A small tracking run per submitted batch: the GX result as an artifact, counts."""
+    import mlflow
+
+    with mlflow.start_run(run_name=f"validate-{batch_id}") as run:
+        mlflow.set_tags({"step": "validate", "batch_id": batch_id,
+                         "result": "accepted" if report["success"] else "rejected"})
+        mlflow.log_metrics({"rows": float(report["rows"]),
+                            "failed_rules": float(len(report["failures"]))})
+        mlflow.log_artifact(str(report_path), artifact_path="validation")
+        mlflow.log_artifact(str(manifest_path), artifact_path="manifest")
+        return run.info.run_id
+
+
+def describe_version(mv, aliases: list[str]) -> dict[str, Any]:
+    """A registry version as plain data: lineage tags, metrics, aliases."""
+    tags = dict(mv.tags)
+    metrics = {}
+    for key in METRIC_TAGS:
+        if key in tags:
+            try:
+                metrics[key] = float(tags[key])
+            except ValueError:
+                pass
+    return {
+        "version": int(mv.version),
+        "aliases": sorted(aliases),
+        "created": mv.creation_timestamp,
+        "run_id": mv.run_id,
+        "gates_passed": tags.get("gates_passed") == "true",
+        "lineage": {k: tags[k] for k in LINEAGE_TAGS if k in tags},
+        "metrics": metrics,
+        "gate_failures": [g for g in tags.get("gate_failures", "").split(",") if g],
+    }

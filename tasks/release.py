@@ -1,0 +1,185 @@
+"""The model work of a release, file to file: pretrain, unlearn one batch, evaluate.
+
+Each function reads checkpoints and manifests by path, calls the library, writes its output
+next to them and returns a small dict, so Prefect tasks (and later DVC stages) can wrap it.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .params import PipelineParams
+from .paths import PACKAGE_ROOT, Paths
+
+MANIFEST_FIELDS = ("request_id", "instance_id", "objective", "new_label")
+
+
+@functools.lru_cache(maxsize=2)
+def load_data(name: str, data_dir: str = ""):
+    """The dataset (cached per process: every task of a run reads the same one)."""
+    from unlearning.data import load_dataset
+
+    return load_dataset(name, data_dir or None)
+
+
+def dataset_of(cfg: PipelineParams):
+    return load_data(cfg.dataset.name, cfg.dataset.data_dir)
+
+
+def batch_seed(base_seed: int, batch_id: str) -> int:
+    """The unlearning seed of a batch: same batch and params, same weights."""
+    digest = hashlib.sha256(f"{base_seed}:{batch_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The accepted manifest in canonical CSV form (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r[k] is None else r[k] for k in MANIFEST_FIELDS})
+    tmp.replace(path)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        return [{"request_id": r["request_id"], "instance_id": int(r["instance_id"]),
+                 "objective": r["objective"],
+                 "new_label": int(r["new_label"]) if r["new_label"] else None}
+                for r in csv.DictReader(f)]
+
+
+def forget_set(paths: Paths, dataset, batch_ids: list[str]):
+    """One ForgetSet of the accepted manifests of ``batch_ids`` (None for no batches)."""
+    from unlearning.methods import ForgetSet
+
+    rows = [r for b in batch_ids for r in read_rows(paths.manifest(b))]
+    if not rows:
+        return None
+    ids = [r["instance_id"] for r in rows]
+    idx = dataset.check_ids(ids)
+    return ForgetSet.build(dataset.train_x[idx], dataset.train_y[idx],
+                           [r["objective"] for r in rows], [r["new_label"] for r in rows],
+                           num_classes=dataset.num_classes, ids=ids)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def pretrain_model(cfg: PipelineParams, out: Path, progress=None) -> dict[str, Any]:
+    """Train ``cfg.pretrain.arch`` on the whole training split; save a weights-only checkpoint."""
+    from dataclasses import asdict
+
+    from unlearning.models import save_checkpoint
+    from unlearning.train import TrainConfig, accuracy, pretrain
+
+    data = dataset_of(cfg)
+    p = cfg.pretrain
+    config = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, momentum=p.momentum,
+                         weight_decay=p.weight_decay, seed=p.seed, augment=p.augment)
+    start = time.perf_counter()
+    model, spec = pretrain(data, p.arch, config, progress)
+    seconds = time.perf_counter() - start
+    sha = save_checkpoint(out, model, spec)
+    return {"path": str(out), "weights_sha256": sha, "seconds": seconds, "spec": asdict(spec),
+            "train_acc": accuracy(model, data.train_x, data.train_y),
+            "test_acc": accuracy(model, data.test_x, data.test_y)}
+
+
+def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
+                  earlier: list[str], out: Path, progress=None) -> dict[str, Any]:
+    """Unlearn one batch from the parent checkpoint; save the candidate next to ``out``.
+
+    With ``unlearn.include_earlier`` the instances of ``earlier`` batches join the forget set,
+    so the early stop also waits for them (every earlier deletion must stay deleted).
+    """
+    from unlearning.methods import ForgetSet, unlearn
+    from unlearning.models import load_checkpoint, save_checkpoint
+
+    data = dataset_of(cfg)
+    model, spec = load_checkpoint(parent["path"], parent["weights_sha256"])
+    current = forget_set(paths, data, [batch_id])
+    before = forget_set(paths, data, earlier) if cfg.unlearn.include_earlier else None
+    target = ForgetSet.concat([before, current]) if before is not None else current
+    seed = batch_seed(cfg.unlearn.seed, batch_id)
+    result = unlearn(cfg.unlearn.method, model, target, dict(cfg.unlearn.params), seed=seed,
+                     progress=progress)
+    sha = save_checkpoint(out, result.model, spec)
+    summary = {"path": str(out), "weights_sha256": sha, "seed": seed, "steps": result.steps,
+               "seconds": result.seconds, "reached": result.reached,
+               "satisfied": result.satisfied, "total": result.total,
+               "info": {k: v for k, v in result.info.items()
+                        if isinstance(v, (int, float, str, bool))}}
+    _write_json(out.with_name("unlearn.json"), summary)
+    return summary
+
+
+def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any],
+                       candidate: dict[str, Any], batch_id: str,
+                       earlier: list[str]) -> dict[str, Any]:
+    """Release metrics of a candidate (DESIGN §5); written to metrics.json beside it."""
+    import torch
+
+    from unlearning.metrics import evaluate_unlearning, loss_mia_auc, mia_efficacy
+    from unlearning.models import load_checkpoint
+
+    data = dataset_of(cfg)
+    parent_model, _ = load_checkpoint(parent["path"], parent["weights_sha256"])
+    model, _ = load_checkpoint(candidate["path"], candidate["weights_sha256"])
+    current = forget_set(paths, data, [batch_id])
+    before = forget_set(paths, data, earlier)
+    metrics = evaluate_unlearning(model, parent_model, current, (data.test_x, data.test_y),
+                                  earlier=before)
+    if cfg.evaluate.mia:
+        deleted = set(current.ids) | set(before.ids if before is not None else ())
+        keep = torch.tensor([i for i in range(data.num_train) if i not in deleted])
+        retain = (data.train_x[keep], data.train_y[keep])
+        n = cfg.evaluate.mia_max_per_side
+        metrics["mia_efficacy"] = mia_efficacy(model, retain, (data.test_x, data.test_y),
+                                               (current.x, current.y), max_per_side=n)
+        metrics["loss_mia_auc"] = loss_mia_auc(model, (current.x, current.y),
+                                               (data.test_x[:n], data.test_y[:n]))
+    metrics.update(steps=candidate["steps"], unlearn_seconds=candidate["seconds"],
+                   forget_size=len(current), earlier_size=len(before) if before else 0)
+    _write_json(Path(candidate["path"]).with_name("metrics.json"), metrics)
+    return metrics
+
+
+def data_rev(home: Path) -> str:
+    """The md5 recorded in ``data.dvc`` (what DVC calls the data version), or "none"."""
+    import yaml
+
+    dvc_file = home / "data.dvc"
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+        return str(outs[0].get("md5") or "none")
+    except (OSError, yaml.YAMLError, AttributeError, IndexError, TypeError):
+        return "none"
+
+
+def code_rev() -> str:
+    """Git HEAD of the code's checkout (``-dirty`` when tracked files changed), or "unknown"."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(PACKAGE_ROOT), *args], capture_output=True,
+                              text=True, timeout=10, check=False)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,121 @@
+"""The Prefect tasks: one per step, thin wrappers over the plain functions of this package.
+
+Tasks take paths, the frozen params object and small dicts, and return small dicts; models
+and tensors never cross a task boundary. Nothing is cached (every step has side effects or
+reads mutable state). Only registry I/O retries; training and unlearning never do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from unlearning.progress import ProgressLine
+
+from . import registry, release
+from .gates import check_gates
+from .ledger import Ledger
+from .params import GatesParams, PipelineParams
+from .paths import Paths
+from .submit import revalidate
+
+
+def _progress(label: str, fn):
+    """Run ``fn(progress)`` with a terminal progress line (silent when not a TTY)."""
+    line = ProgressLine(label)
+    try:
+        return fn(line)
+    finally:
+        line.close()
+
+
+@task(name="validate-forget-set", cache_policy=NO_CACHE)
+def validate_forget_set(paths: Paths, cfg: PipelineParams, batch_id: str,
+                        image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """Great Expectations suites on the batch, against the state it is applied to."""
+    return revalidate(paths, cfg, batch_id, image_shape)
+
+
+@task(name="fetch-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def fetch_model(paths: Paths, cfg: PipelineParams, version: int) -> dict[str, Any]:
+    """Download a version's weights-only checkpoint; verify its weights_sha256."""
+    client = registry.connect(paths, cfg)
+    return registry.fetch_version(paths, client, cfg.registry.model_name, version)
+
+
+@task(name="pretrain", cache_policy=NO_CACHE)
+def train_model(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
+    out = paths.artifacts / "pretrain" / "model.pt"
+    return _progress("pretrain", lambda p: release.pretrain_model(cfg, out, p))
+
+
+@task(name="unlearn", cache_policy=NO_CACHE)
+def run_unlearning(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
+                   earlier: list[str], out: Path) -> dict[str, Any]:
+    """Importance, adversarial set and the bounded unlearning loop (the library's ``unlearn``)."""
+    return _progress(f"unlearn {batch_id}", lambda p: release.unlearn_batch(
+        paths, cfg, parent, batch_id, earlier, out, p))
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(paths: Paths, cfg: PipelineParams, parent: dict[str, Any],
+                   candidate: dict[str, Any], batch_id: str,
+                   earlier: list[str]) -> dict[str, Any]:
+    return release.evaluate_candidate(paths, cfg, parent, candidate, batch_id, earlier)
+
+
+@task(name="check-gates", cache_policy=NO_CACHE)
+def gate_candidate(metrics: dict[str, Any], gates: GatesParams, out: Path) -> dict[str, Any]:
+    report = check_gates(metrics, gates)
+    data = {**report.to_dict(), "summary": report.summary()}
+    out.write_text(json.dumps(data, indent=2))
+    return data
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def register_model(paths: Paths, cfg: PipelineParams, **kwargs: Any) -> int:
+    """An MLflow run and model version (tags: lineage, metrics, gates_passed)."""
+    registry.connect(paths, cfg)
+    return registry.register_release(paths, cfg, **kwargs)
+
+
+@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def promote_model(paths: Paths, cfg: PipelineParams, version: int) -> int | None:
+    """Point ``champion`` at ``version`` (drop ``candidate`` if it named it); return the old one."""
+    client = registry.connect(paths, cfg)
+    name = cfg.registry.model_name
+    previous = registry.alias_version(client, name, registry.CHAMPION)
+    client.set_registered_model_alias(name, registry.CHAMPION, str(version))
+    if registry.alias_version(client, name, registry.CANDIDATE) == version:
+        client.delete_registered_model_alias(name, registry.CANDIDATE)
+    return previous
+
+
+@task(name="mark-candidate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def mark_candidate(paths: Paths, cfg: PipelineParams, version: int, passed: bool) -> None:
+    """A passing version gets the ``candidate`` alias; a failing one keeps no alias."""
+    if passed:
+        client = registry.connect(paths, cfg)
+        client.set_registered_model_alias(cfg.registry.model_name, registry.CANDIDATE,
+                                          str(version))
+
+
+@task(name="record", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def record_batch(paths: Paths, batch_id: str, state: str, version: int | None = None,
+                 reason: str | None = None, report: dict[str, Any] | None = None,
+                 promotion: tuple[int, int | None, str] | None = None) -> None:
+    """The ledger's state change for a batch (and its promotion), in one transaction."""
+    with Ledger(paths.ledger) as ledger:
+        ledger.set_state(batch_id, state, version=version, reason=reason, report=report,
+                         promotion=promotion)
+
+
+@task(name="record-release", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def record_release(paths: Paths, version: int, parent: int | None, batches: list[str],
+                   passed: bool) -> None:
+    with Ledger(paths.ledger) as ledger:
+        ledger.add_release(version, parent, batches, passed)

@@ -1,0 +1,338 @@
+"""Forget-set validation: Great Expectations 1.x suites built in code, run on an ephemeral
+context (nothing written to disk, progress bars off).
+
+A manifest is checked in four stages; a stage runs only when the one before it passed,
+because its rules read what the earlier stage guarantees (columns exist, values parse):
+
+1. ``manifest_columns``  the columns are exactly request_id, instance_id, objective, new_label;
+2. ``manifest_schema``   non-empty, within the batch size limit, ids present, integers where
+                         integers belong;
+3. ``manifest_rules``    uniqueness, ids in the training split and not already
+                         deleted, objective allowed, new_label only for relabel, in range and
+                         different from the current label;
+4. ``forget_images``     the images of those ids: finite, in [0, 1], the model's input shape.
+
+Every expectation carries ``meta.rule``, the name reported with the rows that broke it.
+The validator never raises on bad data: it returns a report and the caller decides.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = ("request_id", "instance_id", "objective", "new_label")
+OBJECTIVES = ("misclassify", "relabel")
+INTEGER = r"^-?\d+$"
+_RUN_IDS = itertools.count(1)
+
+
+class ManifestError(ValueError):
+    """The manifest file cannot be read at all (missing, unknown format, broken JSON line)."""
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    """What the rules check a manifest against: the dataset and the ledger's state."""
+
+    num_train: int
+    num_classes: int
+    train_labels: list[int]
+    image_shape: tuple[int, int, int]  # what the model expects: (C, H, W)
+    max_batch_size: int
+    claimed_instances: frozenset[int] = field(default_factory=frozenset)
+    claimed_request_ids: frozenset[str] = field(default_factory=frozenset)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """A manifest (CSV, or JSON lines for .jsonl/.ndjson/.json) as a frame of strings/None."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            records = []
+            for n, line in enumerate(path.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise ManifestError(f"{path} line {n}: expected a JSON object")
+                records.append(obj)
+            columns = list(dict.fromkeys(k for r in records for k in r))
+            frame = pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object)
+                                  for c in columns}, index=range(len(records)))
+        elif suffix in (".csv", ".txt"):
+            try:
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False,
+                                    skipinitialspace=True)
+            except pd.errors.EmptyDataError:
+                frame = pd.DataFrame()
+        else:
+            raise ManifestError(f"{path}: unknown manifest format {suffix!r} (use .csv or .jsonl)")
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise ManifestError(f"cannot read {path}: {e}") from None
+    # object columns of text/None (pandas would turn an all-None column into NaN floats)
+    return pd.DataFrame({c: pd.Series([_as_text(v) for v in frame[c]], dtype=object)
+                         for c in frame.columns}, index=range(len(frame)))
+
+
+def _as_text(value: Any) -> str | None:
+    """Cell -> stripped text, None for empty; JSON numbers keep their written form."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def typed_rows(raw: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows with integer ids (None where absent or unparsable), for the ledger."""
+
+    def as_int(v: Any) -> int | None:
+        try:
+            return int(v)
+        except (TypeError, ValueError):
+            return None
+
+    return [
+        {
+            "request_id": row.get("request_id"),
+            "instance_id": as_int(row.get("instance_id")),
+            "objective": row.get("objective"),
+            "new_label": as_int(row.get("new_label")),
+        }
+        for row in raw.to_dict("records")
+    ]
+
+
+# -- suites -----------------------------------------------------------------------------------
+
+
+def _columns_suite() -> list:
+    import great_expectations.expectations as gxe
+
+    return [gxe.ExpectTableColumnsToMatchSet(column_set=list(COLUMNS), exact_match=True,
+                                             meta={"rule": "columns"})]  # schema drift
+
+
+def _schema_suite(ctx: ValidationContext) -> list:
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1, meta={"rule": "non_empty"}),
+        # a bounded batch: one deletion batch must stay reviewable and cheap to unlearn
+        gxe.ExpectTableRowCountToBeBetween(max_value=ctx.max_batch_size,
+                                           meta={"rule": "batch_size_limit"}),
+        gxe.ExpectColumnValuesToNotBeNull(column="request_id", meta={"rule": "request_id_present"}),
+        gxe.ExpectColumnValuesToNotBeNull(column="instance_id",
+                                          meta={"rule": "instance_id_present"}),
+        gxe.ExpectColumnValuesToNotBeNull(column="objective", meta={"rule": "objective_present"}),
+        # types: ids and labels are integers (ranges are checked once they parse)
+        gxe.ExpectColumnValuesToMatchRegex(column="instance_id", regex=INTEGER,
+                                           meta={"rule": "instance_id_integer"}),
+        gxe.ExpectColumnValuesToMatchRegex(column="new_label", regex=INTEGER,
+                                           meta={"rule": "new_label_integer"}),
+    ]
+
+
+def _rules_suite(ctx: ValidationContext) -> list:
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    relabel = Column("objective") == "relabel"
+    return [
+        # duplicate requests would be applied (and audited) twice
+        gxe.ExpectColumnValuesToBeUnique(column="request_id", meta={"rule": "unique_request_id"}),
+        gxe.ExpectColumnValuesToNotBeInSet(column="request_id",
+                                           value_set=sorted(ctx.claimed_request_ids),
+                                           meta={"rule": "request_id_not_reused"}),
+        # one instance, one objective per batch
+        gxe.ExpectColumnValuesToBeUnique(column="instance_id",
+                                         meta={"rule": "unique_instance_id"}),
+        # ids must name training instances (ids never change meaning)
+        gxe.ExpectColumnValuesToBeBetween(column="instance_id", min_value=0,
+                                          max_value=ctx.num_train - 1,
+                                          meta={"rule": "instance_in_training_split"}),
+        # a deletion is applied once; a pending one is not queued twice
+        gxe.ExpectColumnValuesToNotBeInSet(column="instance_id",
+                                           value_set=sorted(ctx.claimed_instances),
+                                           meta={"rule": "not_already_deleted"}),
+        gxe.ExpectColumnValuesToBeInSet(column="objective", value_set=list(OBJECTIVES),
+                                        meta={"rule": "objective_allowed"}),
+        gxe.ExpectColumnValuesToNotBeNull(column="new_label", row_condition=relabel,
+                                          meta={"rule": "relabel_needs_new_label"}),
+        gxe.ExpectColumnValuesToBeNull(column="new_label",
+                                       row_condition=Column("objective") != "relabel",
+                                       meta={"rule": "new_label_only_for_relabel"}),
+        gxe.ExpectColumnValuesToBeBetween(column="new_label", min_value=0,
+                                          max_value=ctx.num_classes - 1,
+                                          meta={"rule": "new_label_in_range"}),
+        # relabelling to the label it already has deletes nothing
+        gxe.ExpectColumnValuesToBeNull(column="unchanged_label", row_condition=relabel,
+                                       meta={"rule": "new_label_differs"}),
+    ]
+
+
+def _images_suite(ctx: ValidationContext) -> list:
+    import great_expectations.expectations as gxe
+
+    shape = "x".join(str(s) for s in ctx.image_shape)
+    return [
+        gxe.ExpectColumnValuesToBeInSet(column="finite", value_set=[True],
+                                        meta={"rule": "images_finite"}),  # NaN/inf poison steps
+        gxe.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=0.0,
+                                          meta={"rule": "images_in_unit_range"}),
+        gxe.ExpectColumnValuesToBeBetween(column="pixel_max", max_value=1.0,
+                                          meta={"rule": "images_in_unit_range"}),
+        gxe.ExpectColumnValuesToBeInSet(column="shape", value_set=[shape],
+                                        meta={"rule": "image_shape"}),  # the model's input
+    ]
+
+
+# -- frames -----------------------------------------------------------------------------------
+
+
+def _typed_frame(raw: pd.DataFrame, ctx: ValidationContext) -> pd.DataFrame:
+    frame = raw.copy()
+    frame["instance_id"] = pd.array([int(v) for v in raw["instance_id"]], dtype="Int64")
+    frame["new_label"] = pd.array([None if pd.isna(v) else int(v) for v in raw["new_label"]],
+                                  dtype="Int64")
+    current = [ctx.train_labels[i] if 0 <= i < ctx.num_train else None
+               for i in frame["instance_id"]]
+    frame["current_label"] = pd.array(current, dtype="Int64")
+    same = (frame["new_label"] == frame["current_label"]).fillna(False).astype(bool)
+    frame["unchanged_label"] = frame["new_label"].where(same)  # the label, where it would not move
+    return frame
+
+
+def image_frame(ids: list[int], images: Any) -> pd.DataFrame:
+    """Per-instance image statistics; ``images``: (N, C, H, W) tensor of those ids."""
+    import torch
+
+    flat = images.reshape(len(ids), -1).double()
+    return pd.DataFrame({
+        "instance_id": ids,
+        "finite": torch.isfinite(flat).all(1).tolist(),
+        "pixel_min": torch.nan_to_num(flat, nan=-1.0).min(1).values.tolist(),
+        "pixel_max": torch.nan_to_num(flat, nan=2.0).max(1).values.tolist(),
+        "shape": ["x".join(str(s) for s in images.shape[1:])] * len(ids),
+    })
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _context():
+    """One ephemeral GX context per process (each new one logs and makes a temp folder)."""
+    import logging
+
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # the second one sets INFO itself
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+def _run_suite(name: str, frame: pd.DataFrame, expectations: list) -> tuple[dict, list[dict]]:
+    import great_expectations as gx
+
+    context = _context()
+    source = f"{name}-{next(_RUN_IDS)}"  # datasource names are unique within a context
+    batch_def = (context.data_sources.add_pandas(name=source).add_dataframe_asset(name=name)
+                 .add_batch_definition_whole_dataframe("whole"))
+    suite = gx.ExpectationSuite(name=source)
+    for expectation in expectations:
+        suite.add_expectation(expectation)
+    result = batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(
+        suite, result_format="COMPLETE")
+    context.data_sources.delete(source)
+    failures = []
+    for r in result.results:
+        if r.success:
+            continue
+        rows = [int(i) + 1 for i in r.result.get("unexpected_index_list") or []]
+        values = r.result.get("partial_unexpected_list") or []
+        failures.append({
+            "suite": name,
+            "rule": r.expectation_config.meta.get("rule", r.expectation_config.type),
+            "expectation": r.expectation_config.type,
+            "rows": rows,
+            "values": [_jsonable(v) for v in values][:20],
+            "observed": _jsonable(r.result.get("observed_value")),
+        })
+    return result.to_json_dict(), failures
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    try:
+        if pd.isna(v):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return v.item() if hasattr(v, "item") else str(v)
+
+
+def validate_manifest(raw: pd.DataFrame, ctx: ValidationContext, images_of=None) -> dict:
+    """Run the stages in order; return ``{"success", "failures", "suites", "rows"}``.
+
+    ``images_of(ids) -> (N, C, H, W) tensor`` gives the forget images (stage 4); without it
+    that stage is skipped.
+    """
+    stages: list[tuple[str, Any]] = [
+        ("manifest_columns", lambda: (raw, _columns_suite())),
+        ("manifest_schema", lambda: (raw, _schema_suite(ctx))),
+        ("manifest_rules", lambda: (_typed_frame(raw, ctx), _rules_suite(ctx))),
+    ]
+    if images_of is not None:
+        stages.append(("forget_images", lambda: _images_stage(raw, images_of, ctx)))
+    suites: dict[str, Any] = {}
+    failures: list[dict] = []
+    for name, build in stages:
+        frame, expectations = build()
+        suites[name], failures = _run_suite(name, frame, expectations)
+        if failures:
+            break
+    return {"success": not failures, "failures": failures, "suites": suites, "rows": len(raw)}
+
+
+def _images_stage(raw: pd.DataFrame, images_of, ctx: ValidationContext):
+    ids = [int(v) for v in raw["instance_id"]]
+    return image_frame(ids, images_of(ids)), _images_suite(ctx)
+
+
+def describe_failures(failures: list[dict], limit: int = 3) -> str:
+    """One line: each failed rule with its first rows (1-based data rows) and values."""
+    parts = []
+    for f in failures[:limit]:
+        where = ""
+        if f["rows"]:
+            rows = ", ".join(str(r) for r in f["rows"][:5])
+            more = "…" if len(f["rows"]) > 5 else ""
+            where = f" at row{'s' if len(f['rows']) > 1 else ''} {rows}{more}"
+            if f["values"]:
+                where += f" (values {', '.join(repr(v) for v in f['values'][:5])})"
+        elif f["observed"] is not None:
+            where = f" (observed {f['observed']})"
+        parts.append(f"rule {f['rule']} failed{where}")
+    if len(failures) > limit:
+        parts.append(f"and {len(failures) - limit} more")
+    return "; ".join(parts)

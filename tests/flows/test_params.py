@@ -1,0 +1,66 @@
+"""params.yaml: one validated config; unknown keys and wrong types are named errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.params import ParamsError, PipelineParams, load_params, parse_params
+
+PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def test_project_params_load_and_hash_is_stable():
+    cfg = load_params(PROJECT_PARAMS)
+    assert cfg.unlearn.method == "l2ul"
+    assert cfg.sha256() == load_params(PROJECT_PARAMS).sha256()
+    flat = cfg.flat()
+    assert flat["gates.max_test_drop"] == cfg.gates.max_test_drop
+    assert all(not isinstance(v, dict) for v in flat.values())  # scalars only (DVC)
+
+
+def test_defaults_fill_missing_sections():
+    assert parse_params({}) == PipelineParams()
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"gates": {"max_test_dorp": 1.0}}, "unknown key 'gates.max_test_dorp'"),
+    ({"trainig": {}}, "unknown key 'trainig'"),
+    ({"pretrain": {"epochs": "ten"}}, "pretrain.epochs: input should be a valid integer"),
+    ({"pretrain": {"epochs": 0}}, "pretrain.epochs"),
+    ({"gates": {"require_finite_weights": "yes"}}, "gates.require_finite_weights"),
+    ({"unlearn": {"method": "nope"}}, "unknown method 'nope'"),
+    ({"dataset": {"name": "mnist"}}, "dataset.name: unknown dataset 'mnist'"),
+    ({"pretrain": {"arch": "vgg"}}, "pretrain.arch: unknown model 'vgg'"),
+    ({"unlearn": {"params": {"lr": "fast"}}}, "l2ul.lr must be float"),
+    ({"unlearn": {"params": {"learning_rate": 0.1}}}, "unknown parameter(s) for l2ul"),
+    ([1, 2], "expected a mapping"),
+])
+def test_invalid_params_are_named(data, message):
+    with pytest.raises(ParamsError) as err:
+        parse_params(data, source="params.yaml")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="cannot read"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("gates: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_overrides_are_validated():
+    cfg = PipelineParams()
+    assert cfg.with_overrides("pretrain", epochs=3, seed=None).pretrain.epochs == 3
+    with pytest.raises(ParamsError, match="pretrain.epochs"):
+        cfg.with_overrides("pretrain", epochs=-1)
+
+
+def test_params_file_round_trips_through_yaml():
+    data = yaml.safe_load(PROJECT_PARAMS.read_text())
+    assert parse_params(data).model_dump() == load_params(PROJECT_PARAMS).model_dump()
