@@ -83,6 +83,9 @@ def digits_model():
     from unlearning.data import load_dataset
     from unlearning.train import TrainConfig, pretrain
 
+    import torch
+
+    torch.set_num_threads(1)  # small models run fastest on one thread, and timings stay sane
     ds = load_dataset("digits")
     model, _ = pretrain(ds, "small-cnn", TrainConfig(epochs=30, seed=0))
     model.eval()

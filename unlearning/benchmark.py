@@ -52,7 +52,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     retrain: bool = False
     retain_fraction: float = 0.0  # > 0: give methods a retain sample of this share
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def variants_for(methods: list[str], ablation: bool = False,
@@ -128,7 +128,8 @@ def run_benchmark(
                 after = accuracy(res.model, *test)
                 row = {
                     "method": v.label, "base_method": v.method, "objective": objective,
-                    "k": k, "seed": seed, "retain_sample": len(retain.x) if uses_retain else 0,
+                    "k": k, "seed": seed,
+                    "retain_sample": len(retain.x) if retain is not None and uses_retain else 0,
                     "reached": res.reached,
                     "forget_acc": accuracy(res.model, forget.x, forget.y),
                     "relabel_success": relabel_success(res.model, forget),

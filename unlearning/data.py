@@ -77,7 +77,7 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(len(idx))]
-        n_test = int(round(len(idx) * test_fraction))
+        n_test = round(len(idx) * test_fraction)
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     train = np.sort(np.concatenate(train_idx))
@@ -192,9 +192,9 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> ImageDat
             for f in sorted((split_dir / cls).glob("*")):
                 if f.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".gif"}:
                     continue
-                with Image.open(f) as im:
-                    im = im.convert("RGB").resize((image_size, image_size))
-                    xs.append(np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0)
+                with Image.open(f) as opened:
+                    rgb = opened.convert("RGB").resize((image_size, image_size))
+                    xs.append(np.asarray(rgb, np.float32).transpose(2, 0, 1) / 255.0)
                 ys.append(label)
         if not xs:
             raise DatasetError(f"{split_dir} holds no images")
@@ -238,7 +238,7 @@ def sample_retain_ids(num_train: int, exclude: list[int], fraction: float, seed:
     if not 0 < fraction <= 0.01 + 1e-9:
         raise ValueError(f"a retain sample is at most 1% of the training set, got {fraction}")
     g = torch.Generator().manual_seed(10_000 + seed)
-    excluded = set(int(i) for i in exclude)
-    n = max(1, int(round(num_train * fraction)))
+    excluded = {int(i) for i in exclude}
+    n = max(1, round(num_train * fraction))
     ids = [i for i in torch.randperm(num_train, generator=g).tolist() if i not in excluded]
     return ids[:n]

@@ -30,6 +30,9 @@ class Normalize(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
@@ -99,6 +102,7 @@ class ModelSpec:
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """Return ``Sequential(Normalize, net)`` for the spec, with fresh weights."""
+    net: nn.Module
     if spec.arch == "small-cnn":
         net = SmallCNN(spec.in_channels, spec.num_classes)
     else:
@@ -154,7 +158,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary objects with UnpicklingError
+    except Exception as e:  # noqa: BLE001  (any failure to parse means: not a checkpoint of ours)
         raise CheckpointError(f"refusing to load {path}: not a weights-only checkpoint ({e.__class__.__name__})") from None
     if not isinstance(payload, dict) or set(payload) != {"spec", "state_dict"}:
         raise CheckpointError(f"{path} is not a checkpoint written by this project")

@@ -237,7 +237,7 @@ def unlearn(
 ) -> UnlearnResult:
     """Run ``method`` on a copy of ``model``; the original is never modified."""
     info = get_method(method)
-    config = params if dataclasses.is_dataclass(params) else make_config(method, params)
+    config: Any = params if dataclasses.is_dataclass(params) else make_config(method, params)
     if info.needs_retain and retain is None:
         raise ValueError(f"method {method!r} needs a retain sample")
     if retain is not None and not info.accepts_retain:
