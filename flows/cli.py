@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
+    if getattr(args, "json", False) is True:
+        os.environ["UNLEARN_PROGRESS"] = "0"  # machine-readable output: no progress bars
     try:
         return int(args.handler(args) or EXIT_OK)
     except UsageError as e:

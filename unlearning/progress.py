@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -11,7 +12,9 @@ class ProgressLine:
 
     def __init__(self, label: str, enabled: bool | None = None, stream=None):
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        if enabled is None:  # UNLEARN_PROGRESS=0 silences bars (the CLI sets it for --json)
+            enabled = self.stream.isatty() and os.environ.get("UNLEARN_PROGRESS", "1") != "0"
+        self.enabled = enabled
         self.label = label
         self._last = 0.0
 
