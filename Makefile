@@ -31,4 +31,4 @@ lint: setup  ## ruff and mypy
 	$(BIN)/mypy
 
 clean:  ## remove local state (registry, ledger, artifacts); keeps .venv
-	rm -rf artifacts mlruns/mlflow.db mlruns/artifacts .prefect data/deletions
+	rm -rf artifacts mlruns/mlflow.db mlruns/artifacts .prefect data/deletions data/dataset data/releases.json

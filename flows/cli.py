@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
+    previous = os.environ.get("UNLEARN_PROGRESS")
     if getattr(args, "json", False) is True:
         os.environ["UNLEARN_PROGRESS"] = "0"  # machine-readable output: no progress bars
     try:
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:  # in-process callers (tests) get their environment back
+        if previous is None:
+            os.environ.pop("UNLEARN_PROGRESS", None)
+        else:
+            os.environ["UNLEARN_PROGRESS"] = previous
 
 
 if __name__ == "__main__":

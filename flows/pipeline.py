@@ -6,7 +6,8 @@ scheduled run knows where the state lives, and returns a small dict with a ``sta
 hold). Unexpected errors raise: the flow run fails and the batch in hand stays pending.
 
 One batch (DESIGN §3): validate -> fetch champion -> unlearn -> evaluate -> gates -> register
--> (candidate, promote to champion) -> ledger. Nothing is marked done before the champion
+-> track data (data/releases.json, ``dvc add data``, tag ``data_rev``) -> (candidate, promote
+to champion) -> ledger. Nothing is marked done before the champion
 alias has moved; ``tasks.lineage.reconcile`` finishes the ledger if a run died between the
 two, and refuses a champion that lacks a committed deletion.
 """
@@ -34,6 +35,7 @@ from tasks.steps import (
     record_release,
     register_model,
     run_unlearning,
+    track_data,
     train_model,
     validate_forget_set,
 )
@@ -120,6 +122,7 @@ def pretrain_flow(home: str | None = None, dataset: str | None = None, arch: str
                     if k.split(".")[0] in ("dataset", "pretrain")},
             artifacts={}, input_example=data.test_x[:4].numpy())
         record_release(paths, version, None, [], True)
+        track_data(paths, cfg, version, export=True)  # data/dataset, data.dvc -> data_rev
         promote_model(paths, cfg, version)
         with Ledger(paths.ledger) as ledger:
             ledger.record_promotion(version, None, "pretrain")
@@ -167,6 +170,7 @@ def _register(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches
         metrics={**metrics, "gates_passed": float(gates["passed"])}, params=params,
         artifacts=artifacts, input_example=release.dataset_of(cfg).test_x[:4].numpy())
     record_release(paths, version, parent["version"], batches, gates["passed"])
+    track_data(paths, cfg, version)  # data/releases.json, data.dvc -> data_rev
     mark_candidate(paths, cfg, version, gates["passed"])
     return version
 

@@ -189,6 +189,11 @@ class Ledger:
             return None
         return {**dict(row), "batches": json.loads(row["batches"]), "passed": bool(row["passed"])}
 
+    def releases(self) -> list[dict[str, Any]]:
+        """Every recorded release, oldest first (what ``data/releases.json`` mirrors)."""
+        rows = self.db.execute("SELECT version FROM releases ORDER BY version").fetchall()
+        return [r for r in (self.release(int(row[0])) for row in rows) if r is not None]
+
     def covered_batches(self, version: int) -> list[str]:
         """Batches applied in the lineage of ``version`` (its own and all its ancestors')."""
         out: list[str] = []

@@ -3,7 +3,9 @@
 The state folder ("home") is ``$UNLEARN_HOME`` if set, else the nearest folder at or above
 the working directory that holds a ``params.yaml``, else the working directory. Inside it:
 
-- ``data/deletions/``   accepted deletion manifests (inputs; DVC tracks ``data/``)
+- ``data/``             inputs, tracked by DVC as one directory (``data.dvc``):
+  ``dataset/`` (the dataset's source files), ``deletions/`` (accepted deletion manifests),
+  ``releases.json`` (every registered release in order: the plan ``dvc repro`` rebuilds)
 - ``artifacts/``        working files: checkpoints, reports, the request ledger
 - ``mlruns/``           MLflow: ``mlflow.db`` (tracking + registry) and ``artifacts/``
 - ``.prefect/``         Prefect's home (its sqlite database and result storage)
@@ -37,8 +39,24 @@ class Paths:
     home: Path
 
     @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    @property
     def deletions(self) -> Path:
-        return self.home / "data" / "deletions"
+        return self.data / "deletions"
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.data / "dataset"
+
+    @property
+    def releases_file(self) -> Path:
+        return self.data / "releases.json"
+
+    @property
+    def data_dvc(self) -> Path:
+        return self.home / "data.dvc"
 
     @property
     def artifacts(self) -> Path:

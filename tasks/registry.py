@@ -179,6 +179,12 @@ def register_release(
     return int(mv.version)
 
 
+def set_data_rev(client, name: str, version: int, rev: str) -> None:
+    """Record the data revision (``data.dvc``'s md5) on a version and on its run."""
+    client.set_model_version_tag(name, str(version), "data_rev", rev)
+    client.set_tag(version_info(client, name, version).run_id, "data_rev", rev)
+
+
 def log_validation(paths: Paths, cfg: PipelineParams, batch_id: str, report_path: Path,
                    manifest_path: Path, report: dict[str, Any]) -> str:
     """A small tracking run per submitted batch: the GX result as an artifact, counts."""

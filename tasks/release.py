@@ -1,7 +1,8 @@
 """The model work of a release, file to file: pretrain, unlearn one batch, evaluate.
 
 Each function reads checkpoints and manifests by path, calls the library, writes its output
-next to them and returns a small dict, so Prefect tasks (and later DVC stages) can wrap it.
+next to them and returns a small dict: the Prefect tasks (tasks/steps.py), the DVC stages and
+`unlearn verify` (tasks/repro.py) all call these same functions.
 """
 
 from __future__ import annotations
@@ -126,10 +127,31 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     return summary
 
 
+def rebuild_release(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
+                    earlier: list[str], folder: Path, progress=None) -> dict[str, Any]:
+    """One release from its parent checkpoint, file to file: ``unlearn_batch`` for each of
+    ``batches`` in order, each step seeing the batches before it as earlier deletions, as the
+    flows apply them (one batch per release; several when replaying onto an older version).
+
+    Steps go to ``folder/<batch_id>/model.pt``; returns the last step's summary, with
+    ``steps`` (every step's summary) and ``parent_of_last`` (the checkpoint it started from).
+    """
+    if not batches:
+        raise ValueError("a release applies at least one batch")
+    current, steps, parent_of_last = parent, [], parent
+    for i, batch_id in enumerate(batches):
+        parent_of_last = current
+        current = unlearn_batch(paths, cfg, current, batch_id, earlier + batches[:i],
+                                folder / batch_id / "model.pt", progress)
+        steps.append(current)
+    return {**current, "steps": steps, "parent_of_last": parent_of_last}
+
+
 def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any],
-                       candidate: dict[str, Any], batch_id: str,
-                       earlier: list[str]) -> dict[str, Any]:
-    """Release metrics of a candidate (DESIGN §5); written to metrics.json beside it."""
+                       candidate: dict[str, Any], batch_id: str, earlier: list[str],
+                       metrics_path: Path | None = None) -> dict[str, Any]:
+    """Release metrics of a candidate (DESIGN §5); written to ``metrics_path`` (default:
+    metrics.json beside the candidate)."""
     import torch
 
     from unlearning.metrics import evaluate_unlearning, loss_mia_auc, mia_efficacy
@@ -153,7 +175,7 @@ def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any]
                                                (data.test_x[:n], data.test_y[:n]))
     metrics.update(steps=candidate["steps"], unlearn_seconds=candidate["seconds"],
                    forget_size=len(current), earlier_size=len(before) if before else 0)
-    _write_json(Path(candidate["path"]).with_name("metrics.json"), metrics)
+    _write_json(metrics_path or Path(candidate["path"]).with_name("metrics.json"), metrics)
     return metrics
 
 
@@ -169,6 +191,10 @@ def data_rev(home: Path) -> str:
         return "none"
 
 
+# written by the pipeline and DVC as they run, so they do not make the code "dirty"
+NOT_CODE = ("data.dvc", "dvc.lock")
+
+
 def code_rev() -> str:
     """Git HEAD of the code's checkout (``-dirty`` when tracked files changed), or "unknown"."""
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -179,7 +205,8 @@ def code_rev() -> str:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    *(f":(exclude){p}" for p in NOT_CODE)).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from unlearning.progress import ProgressLine
 
-from . import registry, release
+from . import datastore, registry, release
 from .gates import check_gates
 from .ledger import Ledger
 from .params import GatesParams, PipelineParams
@@ -119,3 +119,13 @@ def record_release(paths: Paths, version: int, parent: int | None, batches: list
                    passed: bool) -> None:
     with Ledger(paths.ledger) as ledger:
         ledger.add_release(version, parent, batches, passed)
+
+
+@task(name="track-data", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def track_data(paths: Paths, cfg: PipelineParams, version: int, export: bool = False) -> str:
+    """Mirror the ledger into data/releases.json, ``dvc add data``, and record the resulting
+    data revision as the version's ``data_rev``: the data/ that can rebuild it."""
+    rev = datastore.track(paths, cfg, export=export)
+    client = registry.connect(paths, cfg)
+    registry.set_data_rev(client, cfg.registry.model_name, version, rev)
+    return rev

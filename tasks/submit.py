@@ -2,8 +2,9 @@
 champion, then record it as a pending batch (or a rejected one, with the failed rules).
 
 An accepted manifest is written to ``data/deletions/<batch_id>.csv`` (a pipeline input that
-DVC tracks); a rejected one is kept under ``artifacts/rejected/`` for the audit trail and
-nothing of it is ever applied.
+DVC tracks: ``dvc add data`` follows, so ``data.dvc`` records it from acceptance on); a
+rejected one is kept under ``artifacts/rejected/`` for the audit trail and nothing of it is
+ever applied.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .datastore import DataTrackingError, track
 from .ledger import Ledger
 from .params import PipelineParams
 from .paths import Paths
@@ -104,9 +106,16 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
             reason = "validation: " + describe_failures(report["failures"])
             ledger.add_batch(batch_id, seq, "rejected", str(manifest), rows, reason=reason,
                              report=summary)
+    rev, warning = None, None
+    if report["success"]:  # the batch is accepted either way; the next release re-adds data/
+        try:
+            rev = track(paths, cfg)
+        except DataTrackingError as e:
+            warning = f"data.dvc not updated: {e}"
     return {"batch_id": batch_id, "state": "pending" if report["success"] else "rejected",
             "rows": len(raw), "reason": reason, "failures": report["failures"],
-            "report": str(report_path), "manifest": str(kept)}
+            "report": str(report_path), "manifest": str(kept), "data_rev": rev,
+            "warning": warning}
 
 
 def revalidate(paths: Paths, cfg: PipelineParams, batch_id: str,
