@@ -80,10 +80,10 @@ def digits_model():
 
     Tests must not modify it: methods work on copies.
     """
+    import torch
+
     from unlearning.data import load_dataset
     from unlearning.train import TrainConfig, pretrain
-
-    import torch
 
     torch.set_num_threads(1)  # small models run fastest on one thread, and timings stay sane
     ds = load_dataset("digits")
