@@ -16,7 +16,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Modules that add subcommands: each has ``register(subparsers)``.
 COMMAND_MODULES = ("flows.cli_library", "flows.cli_pipeline", "flows.cli_report",
-                   "flows.cli_verify")
+                   "flows.cli_verify", "flows.cli_audit")
 
 
 class UsageError(Exception):

@@ -1,0 +1,88 @@
+"""``unlearn audit REQUEST_ID|INSTANCE_ID``: what became of a deletion request, and whether
+the current champion still honours it (a live check on the champion's weights).
+
+Exit codes: 0 the request(s) found and every done deletion holds in the champion; 1 a done
+deletion does not hold now (or the champion does not descend from the release that applied
+it); 2 unknown id (nothing is changed).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from flows.cli import EXIT_FAILED, EXIT_OK, Failure, UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="trace a deletion request (or every request for an "
+                                     "instance id) to its release, and check the champion "
+                                     "still honours it")
+    p.add_argument("ident", metavar="REQUEST_ID|INSTANCE_ID",
+                   help="a request id from a manifest, or an integer instance id")
+    p.add_argument("--json", action="store_true", help="print the audit as one JSON object")
+    p.set_defaults(handler=cmd_audit)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from flows.cli_pipeline import context, emit
+
+    paths, cfg = context()
+    from tasks.audit import AuditError, audit
+    from tasks.registry import RegistryError
+    from unlearning.models import CheckpointError
+
+    try:
+        result = audit(paths, cfg, args.ident)
+    except AuditError as e:
+        raise UsageError(str(e)) from None
+    except (RegistryError, CheckpointError) as e:
+        raise Failure(f"cannot load the champion for the live check: {e}") from None
+    if args.json:
+        emit(result)
+        return EXIT_OK if result["ok"] else EXIT_FAILED
+    print(render(result))
+    if not result["ok"]:
+        raise Failure("a deletion does not hold in the current champion "
+                      f"(version {result['champion']})")
+    return EXIT_OK
+
+
+def render(result: dict[str, Any]) -> str:
+    """The human block: one paragraph per request."""
+    champ = result["champion"]
+    head = (f"audit {result['query']}: {len(result['requests'])} request(s); model "
+            f"{result['model']}, champion version {champ if champ is not None else '-'}")
+    lines = [head]
+    for r in result["requests"]:
+        target = f" -> new label {r['new_label']}" if r["objective"] == "relabel" else ""
+        lines.append("")
+        lines.append(f"request {r['request_id']}  instance {r['instance_id']}  "
+                     f"{r['objective']}{target}")
+        lines.append(f"  requested  {r['requested']}  (batch {r['batch_id']})")
+        state = r["batch_state"]
+        if r.get("reason"):
+            state += f": {r['reason']}"
+        if r.get("kept_version"):
+            state += f" (version {r['kept_version']} kept for audit, never served)"
+        lines.append(f"  state      {state}")
+        rel = r["release"]
+        if rel is None:
+            lines.append("  removed by -  (not applied to any release)")
+            continue
+        m = rel["metrics"]
+        shown = ", ".join(f"{k} {m[k]:.2f}" for k in ("objective_rate", "test_acc",
+                                                         "test_drop", "mia_efficacy") if k in m)
+        lines.append(f"  removed by version {rel['version']} ({rel['created']}, "
+                     f"gates {'passed' if rel['gates_passed'] else 'failed'}): {shown or '-'}")
+        lines.append("  lineage    champion "
+                     + ("descends from" if r["in_champion_lineage"] else "does NOT descend from")
+                     + f" version {rel['version']}")
+        live = r["live"]
+        if live is not None:
+            verdict = "HOLDS" if live["holds"] else "DOES NOT HOLD"
+            lines.append(f"  live check {verdict}: champion predicts {live['prediction']} "
+                         f"({live['rule']})")
+    lines.append("")
+    lines.append("result: " + ("ok" if result["ok"] else "FAILED"))
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""The audit of one deletion request (or every request for one instance), for a privacy
+officer: when it was asked for, what became of its batch, which release removed it with the
+metrics recorded on that version, and a live check that the current champion still honours it.
+
+The live check loads the champion the way the pipeline does (``registry.fetch_version``:
+weights-only checkpoint, verified against its ``weights_sha256`` tag) and asks the model for
+the instance's class now: a ``misclassify`` deletion holds while the prediction differs from
+the original label, a ``relabel`` one while it equals the new label.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from . import registry
+from .ledger import Ledger
+from .params import PipelineParams
+from .paths import Paths
+
+
+class AuditError(LookupError):
+    """Nothing to audit: no ledger, or no request with that id."""
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat(timespec="seconds")
+
+
+def find_requests(ledger: Ledger, ident: str) -> list[dict[str, Any]]:
+    """Requests whose request_id is ``ident``; failing that, every request for the instance
+    id ``ident`` (an integer). Oldest batch first; empty when nothing matches."""
+    rows = ledger.requests()
+    found = [r for r in rows if r["request_id"] is not None and str(r["request_id"]) == ident]
+    if not found:
+        try:
+            instance = int(ident)
+        except ValueError:
+            return []
+        found = [r for r in rows if r["instance_id"] is not None
+                 and int(r["instance_id"]) == instance]
+    return found
+
+
+def ancestry(ledger: Ledger, version: int) -> list[int]:
+    """``version`` and its recorded parents, newest first (the ledger's release chain)."""
+    chain: list[int] = []
+    current: int | None = version
+    while current is not None and current not in chain:
+        chain.append(current)
+        rel = ledger.release(current)
+        current = rel["parent"] if rel else None
+    return chain
+
+
+def version_record(client, name: str, version: int) -> dict[str, Any]:
+    """What the registry recorded on ``version``: status, lineage tags and metrics (the
+    version's metric tags, completed by its run's logged metrics)."""
+    mv = registry.version_info(client, name, version)
+    desc = registry.describe_version(mv, [])
+    metrics = dict(desc["metrics"])
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_metrics = client.get_run(mv.run_id).data.metrics
+    except MlflowException:  # a deleted run: the version's tags still hold the metrics
+        run_metrics = {}
+    for key, value in run_metrics.items():
+        metrics.setdefault(key, float(value))
+    lineage = desc["lineage"]
+    return {"version": version, "run_id": mv.run_id, "created": _iso(mv.creation_timestamp / 1000),
+            "gates_passed": desc["gates_passed"], "status": lineage.get("status"),
+            "parent_version": lineage.get("parent_version"),
+            "weights_sha256": lineage.get("weights_sha256"),
+            "metrics": dict(sorted(metrics.items()))}
+
+
+def live_check(model, dataset, request: dict[str, Any]) -> dict[str, Any]:
+    """The champion's prediction for the request's instance, and whether its objective holds."""
+    import torch
+
+    instance = int(request["instance_id"])
+    dataset.check_ids([instance])
+    with torch.no_grad():
+        pred = int(model(dataset.train_x[instance:instance + 1]).argmax(1).item())
+    label = int(dataset.train_y[instance])
+    if request["objective"] == "relabel":
+        holds = pred == int(request["new_label"])
+        rule = f"prediction == new label {request['new_label']}"
+    else:
+        holds = pred != label
+        rule = f"prediction != original label {label}"
+    return {"prediction": pred, "original_label": label, "rule": rule, "holds": holds}
+
+
+def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -> dict[str, Any]:
+    """The audit record of ``ident`` (a request id or an instance id).
+
+    Raises AuditError when nothing matches (before touching MLflow). ``ok`` is False when a
+    done request's objective no longer holds in the current champion.
+    """
+    if not paths.ledger.exists():
+        raise AuditError(f"no request {ident!r}: no deletion requests in {paths.home} yet")
+    with Ledger(paths.ledger) as ledger:
+        found = find_requests(ledger, ident)
+        if not found:
+            raise AuditError(f"no request or instance with id {ident!r} in the ledger")
+        batches = {r["batch_id"]: ledger.batch(r["batch_id"]) for r in found}
+        client = registry.connect(paths, cfg)
+        name = cfg.registry.model_name
+        champion = registry.alias_version(client, name, registry.CHAMPION)
+        chain = ancestry(ledger, champion) if champion is not None else []
+        covered = set(ledger.covered_batches(champion)) if champion is not None else set()
+
+    model = None
+    champion_sha = None
+    if champion is not None and live and any(b.state == "done" for b in batches.values()):
+        from unlearning.models import load_checkpoint
+
+        from .release import dataset_of
+
+        fetched = registry.fetch_version(paths, client, name, champion)
+        champion_sha = fetched["weights_sha256"]
+        model, _ = load_checkpoint(fetched["path"], expected_sha256=champion_sha)
+        dataset = dataset_of(cfg)
+
+    records: list[dict[str, Any]] = []
+    versions: dict[int, dict[str, Any]] = {}
+    for r in found:
+        b = batches[r["batch_id"]]
+        rec: dict[str, Any] = {
+            "request_id": r["request_id"], "instance_id": r["instance_id"],
+            "objective": r["objective"], "new_label": r["new_label"],
+            "requested": _iso(b.submitted), "batch_id": b.batch_id, "batch_state": b.state,
+            "reason": b.reason, "updated": _iso(b.updated),
+            "release": None, "in_champion_lineage": None, "live": None,
+        }
+        if b.state == "done" and b.version is not None:
+            if b.version not in versions:
+                versions[b.version] = version_record(client, name, b.version)
+            rec["release"] = versions[b.version]
+            rec["in_champion_lineage"] = b.version in chain and b.batch_id in covered
+            if model is not None:
+                rec["live"] = live_check(model, dataset, r)
+        elif b.version is not None:  # rejected after unlearning: the version is kept for audit
+            rec["kept_version"] = b.version
+        records.append(rec)
+
+    done = [rec for rec in records if rec["batch_state"] == "done"]
+    failures = [rec for rec in done if not rec["in_champion_lineage"]
+                or (rec["live"] is not None and not rec["live"]["holds"])]
+    if done and champion is None:
+        failures = done
+    return {"query": ident, "model": name, "champion": champion,
+            "champion_weights_sha256": champion_sha, "champion_lineage": chain,
+            "requests": records, "ok": not failures}
