@@ -94,6 +94,8 @@ def cmd_bench(args) -> int:
 
     if not 0.0 <= args.retain_fraction <= 0.01:
         raise UsageError("--retain-fraction must be between 0 and 0.01 (at most 1% of train)")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be >= 1")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError("--epochs must be >= 1")
     if any(k < 1 for k in args.k):

@@ -86,6 +86,11 @@ class ForgetSet:
     def is_relabel(self) -> torch.Tensor:
         return self.relabel_to >= 0
 
+    @property
+    def key_label(self) -> torch.Tensor:
+        """Per row, the label that decides it: the new label (relabel) or ``avoid``."""
+        return torch.where(self.is_relabel, self.relabel_to, self.avoid)
+
     def satisfied(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-row bool: relabel rows predicted as their new label, others away from ``avoid``."""
         pred = logits.argmax(1)
@@ -121,8 +126,7 @@ def directional_ce(logits: torch.Tensor, forget: ForgetSet, reduction: str = "me
 
     This is the reference code's forget term (unbounded below for misclassify rows).
     """
-    target = torch.where(forget.is_relabel, forget.relabel_to, forget.avoid)
-    ce = F.cross_entropy(logits, target, reduction="none")
+    ce = F.cross_entropy(logits, forget.key_label, reduction="none")
     signed = torch.where(forget.is_relabel, ce, -ce)
     return signed.mean() if reduction == "mean" else signed.sum() if reduction == "sum" else signed
 

@@ -75,7 +75,7 @@ def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float) -> torch
     Misclassify rows: relu(z_avoid - max_{j != avoid} z_j + margin).
     Relabel rows:     relu(max_{j != new} z_j - z_new + margin).
     """
-    key = torch.where(forget.is_relabel, forget.relabel_to, forget.avoid)
+    key = forget.key_label
     z_key = logits.gather(1, key[:, None]).squeeze(1)
     others = logits.scatter(1, key[:, None], float("-inf")).max(1).values
     gap = torch.where(forget.is_relabel, others - z_key, z_key - others)
@@ -128,7 +128,7 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
         if cfg.use_importance else {}
 
     # Anchor inputs, all labelled by the original model (before any update).
-    avoid = torch.where(forget.is_relabel, forget.relabel_to, forget.avoid)
+    avoid = forget.key_label  # adversarial targets avoid the label that decides each row
     dim = forget.x[0].numel()
     eps = cfg.pgd_eps_rms * math.sqrt(dim)
     x_adv, y_adv, _ = adversarial_set(model, forget.x, avoid, num_classes, cfg.adv_per_instance,

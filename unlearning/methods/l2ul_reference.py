@@ -44,7 +44,7 @@ def l2ul_reference(model, forget: ForgetSet, cfg: L2ULReferenceConfig, retain, c
     weights = inverted_importance(mas_importance(model, forget.x, cfg.forget_batch)) \
         if cfg.use_importance else {}
     # Relabel rows are pushed to their new label, so their adversarial targets avoid it too.
-    avoid = torch.where(forget.is_relabel, forget.relabel_to, forget.avoid)
+    avoid = forget.key_label
     x_adv, y_adv, _ = adversarial_set(model, forget.x, avoid, num_classes, cfg.adv_per_instance,
                                       cfg.pgd_eps, cfg.pgd_step, cfg.pgd_steps, ctx.g)
     ctx.info["adversarial_examples"] = len(x_adv)
