@@ -1,6 +1,17 @@
 """Unlearning methods behind one registry; importing this package registers them all."""
 
-from . import baselines, l2ul, l2ul_reference  # noqa: F401  (registration side effect)
+from . import (  # noqa: F401  (registration side effect)
+    baselines,
+    boundary_shrink,
+    finetune,
+    jit,
+    l2ul,
+    l2ul_reference,
+    retrain,
+    salun,
+    scrub,
+    ssd,
+)
 from .base import (
     OBJECTIVES,
     ForgetSet,
