@@ -2,7 +2,10 @@
 area (library commands, the release pipeline, reports) owns its own file; heavy imports
 happen inside the handlers so ``unlearn --help`` stays fast.
 
-Exit codes: 0 ok, 1 gate or validation failure, 2 usage error (bad arguments or input).
+Exit codes: 0 ok, 1 gate or validation failure (or a refusal, a busy pipeline, a damaged
+state), 2 usage error (bad arguments or input). Every error is one line on stderr,
+``unlearn COMMAND: error|failed: REASON``; ``UNLEARN_DEBUG=1`` re-raises unexpected errors
+with their traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +22,28 @@ COMMAND_MODULES = ("flows.cli_library", "flows.cli_pipeline", "flows.cli_report"
                    "flows.cli_verify", "flows.cli_audit")
 
 
+MAX_VERSION = 2**31 - 1  # MLflow stores versions as 32-bit integers
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line on one line (no usage block) and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def version_number(text: str) -> int:
+    """A model version on the command line: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"expected a version number (1, 2, ...), got "
+                                         f"{text[:40]!r}")
+    return value
+
+
 class UsageError(Exception):
     """Bad arguments or input from outside: printed on one line, exit code 2."""
 
@@ -28,7 +53,7 @@ class Failure(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="unlearn",
         description="Instance-wise machine unlearning as a release pipeline "
                     "(Cha et al., AAAI 2024): delete training instances from a deployed "
@@ -48,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad command line (2, one line already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
@@ -66,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # one line, not a traceback; UNLEARN_DEBUG=1 shows it
+        if os.environ.get("UNLEARN_DEBUG"):
+            raise
+        from tasks.ledger import LedgerError
+
+        text = str(e).splitlines()[0] if str(e) else ""
+        if isinstance(e, LedgerError):
+            print(f"unlearn {args.command}: failed: {text}", file=sys.stderr)
+        else:
+            print(f"unlearn {args.command}: failed: unexpected {e.__class__.__name__}: {text} "
+                  "(UNLEARN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
     finally:  # in-process callers (tests) get their environment back
         if previous is None:
             os.environ.pop("UNLEARN_PROGRESS", None)

@@ -30,7 +30,7 @@ import os
 import sys
 from typing import Any
 
-from flows.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Failure, UsageError
+from flows.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Failure, UsageError, version_number
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,13 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_requests)
 
     p = sub.add_parser("promote", help="make VERSION the champion (guarded)")
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=version_number)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_promote)
 
     p = sub.add_parser("rollback", help="point the champion back; refused if that would "
                                         "resurrect deleted data, unless --reapply")
-    p.add_argument("--to", type=int, help="target version (default: the previous champion)")
+    p.add_argument("--to", type=version_number, help="target version (default: the previous champion)")
     p.add_argument("--reapply", action="store_true",
                    help="replay the deletions the target lacks and register the result")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def context():
+def context(check_ledger: bool = True):
     """Resolve the state folder, prepare the environment, load params.yaml."""
     from tasks.params import ParamsError, load_params
     from tasks.paths import Paths, configure_environment, find_home
@@ -102,6 +102,13 @@ def context():
         cfg = load_params(paths.params_file)
     except ParamsError as e:
         raise UsageError(str(e)) from None
+    if check_ledger and paths.ledger.exists():  # a damaged ledger stops here, before a flow
+        from tasks.ledger import Ledger, LedgerError
+
+        try:
+            Ledger(paths.ledger).close()
+        except LedgerError as e:
+            raise Failure(str(e)) from None
     return paths, cfg
 
 
@@ -211,6 +218,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         result = submit_manifest(paths, cfg, manifest, input_shape(paths, cfg))
     except ManifestError as e:
         raise UsageError(str(e)) from None
+    if result["duplicate"]:  # the same requests again: nothing recorded, the same answer
+        if args.json:
+            emit(result)
+        else:
+            print(f"{result['batch_id']}: already submitted ({result['state']}, "
+                  f"{result['rows']} request(s)); nothing recorded")
+        return EXIT_OK
     try:
         registry.log_validation(paths, cfg, result["batch_id"], Path(result["report"]),
                                 Path(result["manifest"]),
@@ -350,7 +364,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    paths, cfg = context()
+    paths, cfg = context(check_ledger=False)  # demo names a foreign state itself
     require_dataset(cfg)
     from flows.demo import run_demo
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flows.cli import EXIT_FAILED, EXIT_OK, Failure, UsageError
+from flows.cli import EXIT_FAILED, EXIT_OK, Failure, UsageError, version_number
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="rebuild releases from their lineage and compare the "
                                       "weight hashes with the registry")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("version", nargs="?", type=int,
+    which.add_argument("version", nargs="?", type=version_number,
                        help="the version to verify (default: the champion)")
     which.add_argument("--all", action="store_true", help="verify every version")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

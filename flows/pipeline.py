@@ -14,6 +14,7 @@ two, and refuses a champion that lacks a committed deletion.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from tasks import registry, release
+from tasks.faults import fault
 from tasks.ledger import Ledger
 from tasks.lineage import LineageError, guard, missing_reason, previous_champion, reconcile
 from tasks.params import PipelineParams, load_params
@@ -39,7 +41,7 @@ from tasks.steps import (
     train_model,
     validate_forget_set,
 )
-from tasks.submit import file_lock
+from tasks.submit import file_lock, lock_holder, manifest_problem
 
 
 class PipelineError(RuntimeError):
@@ -79,7 +81,11 @@ def dataset_mismatch(client, cfg: PipelineParams, version: int) -> str | None:
 
 
 def _busy(paths: Paths) -> dict[str, Any]:
-    return {"status": "failed", "reason": f"another pipeline run holds {paths.lock}"}
+    pid = lock_holder(paths.lock)
+    who = f"process {pid}" if pid else "another process"
+    return {"status": "failed", "busy": True,
+            "reason": f"another pipeline command is running ({who} holds {paths.lock}); "
+                      "nothing was changed: try again when it has finished"}
 
 
 # -- pretrain ---------------------------------------------------------------------------------
@@ -169,10 +175,44 @@ def _register(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches
         tags=_batch_tags(paths, cfg, parent, batches, candidate, gates),
         metrics={**metrics, "gates_passed": float(gates["passed"])}, params=params,
         artifacts=artifacts, input_example=release.dataset_of(cfg).test_x[:4].numpy())
-    record_release(paths, version, parent["version"], batches, gates["passed"])
+    return _publish(paths, cfg, version, parent["version"], batches, gates["passed"])
+
+
+def _publish(paths: Paths, cfg: PipelineParams, version: int, parent: int, batches: list[str],
+             passed: bool) -> int:
+    """A registered version into the ledger, data/ and (if it passed) the candidate alias.
+    Every step is idempotent: a resumed run repeats them for a version it adopts."""
+    record_release(paths, version, parent, batches, passed)
+    fault("after:record_release")
     track_data(paths, cfg, version)  # data/releases.json, data.dvc -> data_rev
-    mark_candidate(paths, cfg, version, gates["passed"])
+    mark_candidate(paths, cfg, version, passed)
+    fault("after:candidate_alias")
     return version
+
+
+def _adopt(paths: Paths, cfg: PipelineParams, client, batch_id: str,
+           champion: int) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """A version an interrupted run registered for ``batch_id`` on the current champion:
+    (version, metrics, gates) read back from the registry, or None if there is none."""
+    mv = registry.find_batch_version(client, cfg.registry.model_name, batch_id, champion)
+    registry.close_stale_runs(client, cfg.registry.experiment, batch_id,
+                              registered_run=mv.run_id if mv is not None else None)
+    if mv is None:
+        return None
+    metrics: dict[str, Any] = dict(client.get_run(mv.run_id).data.metrics)
+    failures = [g for g in mv.tags.get("gate_failures", "").split(",") if g]
+    gates: dict[str, Any] = {"passed": mv.tags.get("gates_passed") == "true",
+                             "failures": failures, "summary": ", ".join(failures)}
+    saved = paths.batch_dir(batch_id) / "gates.json"
+    try:  # the full report the interrupted run wrote, if it is there and agrees
+        report = json.loads(saved.read_text())
+        if report.get("passed") == gates["passed"]:
+            gates = report
+    except (OSError, ValueError):
+        pass
+    get_run_logger().warning("%s: resuming with version %s, registered by an interrupted run",
+                             batch_id, mv.version)
+    return int(mv.version), metrics, gates
 
 
 def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str) -> dict[str, Any]:
@@ -188,15 +228,22 @@ def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str) -> di
         reason = "validation: " + checked["summary"]
         record_batch(paths, batch_id, "rejected", reason=reason, report=checked)
         return {"batch_id": batch_id, "state": "rejected", "reason": reason}
-    parent = fetch_model(paths, cfg, champion)
-    with Ledger(paths.ledger) as ledger:
-        earlier = ledger.covered_batches(champion)
-    out = paths.batch_dir(batch_id) / "candidate.pt"
-    candidate = run_unlearning(paths, cfg, parent, batch_id, earlier, out)
-    metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, earlier)
-    gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
-    version = _register(paths, cfg, parent, [batch_id], candidate, metrics, gates,
-                        run_name=f"unlearn-{batch_id}")
+    adopted = _adopt(paths, cfg, client, batch_id, champion)
+    if adopted is not None:  # registered before a crash: finish it, never register it twice
+        version, metrics, gates = adopted
+        _publish(paths, cfg, version, champion, [batch_id], gates["passed"])
+        unlearn_seconds = metrics.get("unlearn_seconds", 0.0)
+    else:
+        parent = fetch_model(paths, cfg, champion)
+        with Ledger(paths.ledger) as ledger:
+            earlier = ledger.covered_batches(champion)
+        out = paths.batch_dir(batch_id) / "candidate.pt"
+        candidate = run_unlearning(paths, cfg, parent, batch_id, earlier, out)
+        metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, earlier)
+        gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
+        version = _register(paths, cfg, parent, [batch_id], candidate, metrics, gates,
+                            run_name=f"unlearn-{batch_id}")
+        unlearn_seconds = candidate["seconds"]
     if gates["passed"]:
         promote_model(paths, cfg, version)
         record_batch(paths, batch_id, "done", version=version, report={"gates": gates},
@@ -210,7 +257,8 @@ def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str) -> di
     total = time.perf_counter() - start
     return {"batch_id": batch_id, "state": state, "version": version, "parent": champion,
             "reason": reason, "metrics": metrics, "gates": gates,
-            "seconds": total, "unlearn_seconds": candidate["seconds"]}
+            "seconds": total, "unlearn_seconds": unlearn_seconds,
+            "resumed": adopted is not None}
 
 
 @flow(name="process-deletions")
@@ -221,19 +269,28 @@ def process_deletions_flow(home: str | None = None) -> dict[str, Any]:
     with file_lock(paths.lock, wait=False) as got:
         if not got:
             return _busy(paths)
+        fault("after:lock")
         client = registry.connect(paths, cfg)
-        champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
+        name = cfg.registry.model_name
+        champion = registry.alias_version(client, name, registry.CHAMPION)
         if champion is None:
             return {"status": "failed", "reason": "no champion yet: run `unlearn pretrain`"}
         mismatch = dataset_mismatch(client, cfg, champion)
         if mismatch:
             return {"status": "failed", "reason": mismatch}
         with Ledger(paths.ledger) as ledger:
+            pending_batches = ledger.batches("pending")
+            problems = [p for b in pending_batches if (p := manifest_problem(paths, b))]
+            if problems:  # before anything moves: a tampered or lost input stops the run
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                return {"status": "failed", "reason": problems[0] + more}
             try:
                 reconciled = reconcile(ledger, champion)
             except LineageError as e:
                 return {"status": "failed", "reason": str(e)}
             pending = [b.batch_id for b in ledger.batches("pending")]
+        if registry.alias_version(client, name, registry.CANDIDATE) == champion:
+            client.delete_registered_model_alias(name, registry.CANDIDATE)  # a run died mid-promote
         results = []
         for batch_id in pending:
             result = _apply_batch(paths, cfg, client, batch_id)

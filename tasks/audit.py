@@ -101,12 +101,13 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
     Raises AuditError when nothing matches (before touching MLflow). ``ok`` is False when a
     done request's objective no longer holds in the current champion.
     """
+    shown = repr(ident if len(ident) <= 60 else ident[:60] + "…")  # one readable line
     if not paths.ledger.exists():
-        raise AuditError(f"no request {ident!r}: no deletion requests in {paths.home} yet")
+        raise AuditError(f"no request {shown}: no deletion requests in {paths.home} yet")
     with Ledger(paths.ledger) as ledger:
         found = find_requests(ledger, ident)
         if not found:
-            raise AuditError(f"no request or instance with id {ident!r} in the ledger")
+            raise AuditError(f"no request or instance with id {shown} in the ledger")
         batches = {r["batch_id"]: ledger.batch(r["batch_id"]) for r in found}
         client = registry.connect(paths, cfg)
         name = cfg.registry.model_name

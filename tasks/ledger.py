@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .faults import fault
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
     batch_id   TEXT PRIMARY KEY,
@@ -58,6 +60,15 @@ CREATE TABLE IF NOT EXISTS promotions (
 """
 
 
+EXPECTED_COLUMNS = {
+    "batches": {"batch_id", "seq", "state", "source", "rows", "submitted", "updated", "version",
+                "reason", "report"},
+    "requests": {"batch_id", "row", "request_id", "instance_id", "objective", "new_label"},
+    "releases": {"version", "parent", "batches", "passed", "created"},
+    "promotions": {"seq", "version", "previous", "action", "note", "at"},
+}
+
+
 @dataclass(frozen=True)
 class Batch:
     batch_id: str
@@ -75,17 +86,34 @@ class Batch:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "report"}
 
 
+class LedgerError(RuntimeError):
+    """The ledger file is not a ledger (not SQLite, damaged, unreadable): nothing was changed."""
+
+
 class Ledger:
     """A thin wrapper over one SQLite file; open per command, close when done."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot open the ledger {self.path}: {e}") from None
+        try:
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)
+            for table, columns in EXPECTED_COLUMNS.items():
+                found = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                if not columns <= found:
+                    raise sqlite3.DatabaseError(f"table {table} lacks "
+                                                f"{', '.join(sorted(columns - found))}")
+        except sqlite3.Error as e:
+            self.db.close()
+            raise LedgerError(f"the ledger {self.path} is damaged or not a ledger ({e}); "
+                              "restore it from a backup") from None
 
     def close(self) -> None:
         self.db.close()
@@ -143,6 +171,7 @@ class Ledger:
             )
             if promotion is not None:
                 self._promote(db, *promotion, note=batch_id)
+            fault("in:record_batch")
 
     def batch(self, batch_id: str) -> Batch | None:
         row = self.db.execute("SELECT * FROM batches WHERE batch_id=?", (batch_id,)).fetchone()
@@ -161,6 +190,24 @@ class Ledger:
         if batch_id:
             sql, args = sql + " WHERE r.batch_id=?", (batch_id,)
         return [dict(r) for r in self.db.execute(sql + " ORDER BY b.seq, r.row", args)]
+
+    def same_batch(self, rows: list[dict[str, Any]]) -> Batch | None:
+        """A pending or done batch holding exactly ``rows`` (a resubmitted manifest), or None."""
+        if not rows:
+            return None
+        want = [(r.get("request_id"), r.get("instance_id"), r.get("objective"),
+                 r.get("new_label")) for r in rows]
+        candidates = self.db.execute(
+            "SELECT DISTINCT r.batch_id FROM requests r JOIN batches b USING (batch_id) "
+            "WHERE b.state IN ('pending', 'done') AND b.rows=? AND r.row=1 AND r.request_id IS ?",
+            (len(rows), want[0][0])).fetchall()
+        for (batch_id,) in candidates:
+            have = [(r["request_id"], r["instance_id"], r["objective"], r["new_label"])
+                    for r in self.db.execute("SELECT * FROM requests WHERE batch_id=? "
+                                             "ORDER BY row", (batch_id,))]
+            if have == want:
+                return self.batch(batch_id)
+        return None
 
     def claimed_instances(self, exclude_batch: str | None = None) -> set[int]:
         """Instance ids deleted (done) or awaiting deletion (pending) in other batches."""

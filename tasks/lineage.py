@@ -72,6 +72,8 @@ def reconcile(ledger: Ledger, champion: int) -> list[str]:
         raise LineageError(f"the champion cannot take new batches: {why}")
     history = ledger.promotions()
     if not history or history[-1]["version"] != champion:
+        note = (f"finished {', '.join(finished)} after an interrupted run" if finished
+                else "champion alias moved outside the pipeline")
         ledger.record_promotion(champion, history[-1]["version"] if history else None,
-                                "reconciled", note="champion alias moved outside the pipeline")
+                                "reconciled", note=note)
     return finished

@@ -182,4 +182,8 @@ def load_params(path: str | Path) -> PipelineParams:
         raise ParamsError(f"cannot read {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ParamsError(f"{path} is not readable YAML text ({e.__class__.__name__})") from None
+    if data is None:  # an empty (or truncated) file must not silently mean "all defaults"
+        raise ParamsError(f"{path} is empty: expected one mapping per step (see params.yaml)")
     return parse_params(data, source=str(path))

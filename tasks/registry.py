@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .faults import fault
 from .params import PipelineParams
 from .paths import Paths
 
@@ -155,6 +156,7 @@ def register_release(
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     with mlflow.start_run(run_name=run_name):
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        fault("after:start_run")
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         mlflow.log_metrics(numeric)
         with tempfile.TemporaryDirectory() as tmp:  # always stored as checkpoint/model.pt
@@ -175,8 +177,42 @@ def register_release(
         version_tags = {k: str(v) for k, v in tags.items()}
         version_tags.update({k: f"{numeric[k]:.4f}" for k in METRIC_TAGS if k in numeric})
         mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+        fault("after:register_version")
         mlflow.set_tag("registered_version", mv.version)
     return int(mv.version)
+
+
+def find_batch_version(client, name: str, batch_id: str, parent: int) -> Any | None:
+    """The version already registered for ``batch_id`` on top of ``parent`` (a run that died
+    after registering it), or None. Resuming adopts it instead of registering a duplicate."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as e:
+        if _not_found(e):
+            return None
+        raise
+    same = [mv for mv in found if mv.tags.get("batch_id") == batch_id
+            and mv.tags.get("parent_version") == str(parent)]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
+
+
+def close_stale_runs(client, experiment: str, batch_id: str,
+                     registered_run: str | None = None) -> list[str]:
+    """Runs of ``batch_id`` a killed process left RUNNING: FINISHED for ``registered_run`` (the
+    one whose version is adopted), FAILED otherwise. Call under the pipeline lock only: then
+    no live process owns them."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    closed = []
+    for run in client.search_runs([exp.experiment_id],
+                                  f"tags.batch_id = '{batch_id}' and attributes.status = 'RUNNING'"):
+        status = "FINISHED" if run.info.run_id == registered_run else "FAILED"
+        client.set_terminated(run.info.run_id, status)
+        closed.append(run.info.run_id)
+    return closed
 
 
 def set_data_rev(client, name: str, version: int, rev: str) -> None:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .faults import fault
 from .params import PipelineParams
 from .paths import PACKAGE_ROOT, Paths
 
@@ -117,6 +118,7 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     seed = batch_seed(cfg.unlearn.seed, batch_id)
     result = unlearn(cfg.unlearn.method, model, target, dict(cfg.unlearn.params), seed=seed,
                      progress=progress)
+    fault("in:unlearn")
     sha = save_checkpoint(out, result.model, spec)
     summary = {"path": str(out), "weights_sha256": sha, "seed": seed, "steps": result.steps,
                "seconds": result.seconds, "reached": result.reached,

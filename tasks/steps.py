@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from unlearning.progress import ProgressLine
 
 from . import datastore, registry, release
+from .faults import fault
 from .gates import check_gates
 from .ledger import Ledger
 from .params import GatesParams, PipelineParams
@@ -90,6 +91,7 @@ def promote_model(paths: Paths, cfg: PipelineParams, version: int) -> int | None
     name = cfg.registry.model_name
     previous = registry.alias_version(client, name, registry.CHAMPION)
     client.set_registered_model_alias(name, registry.CHAMPION, str(version))
+    fault("after:champion_alias")
     if registry.alias_version(client, name, registry.CANDIDATE) == version:
         client.delete_registered_model_alias(name, registry.CANDIDATE)
     return previous

@@ -9,9 +9,11 @@ ever applied.
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from .datastore import DataTrackingError, track
-from .ledger import Ledger
+from .ledger import Batch, Ledger
 from .params import PipelineParams
 from .paths import Paths
 from .release import dataset_of, read_rows, write_manifest
 from .validation import (
     ValidationContext,
     describe_failures,
-    read_manifest,
+    manifest_bytes,
+    parse_manifest,
     typed_rows,
     validate_manifest,
 )
@@ -34,7 +37,11 @@ from .validation import (
 
 @contextmanager
 def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
-    """An advisory lock on ``path``; yields False if ``wait`` is off and someone holds it."""
+    """An advisory lock on ``path``; yields False if ``wait`` is off and someone holds it.
+
+    ``flock``: the kernel drops it when the holder's process dies (even by SIGKILL), so a
+    crash never leaves a stale lock; the file only keeps the last holder's pid, for messages.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -43,9 +50,50 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
             yield False
             return
         try:
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid recorded in a lock file (its current or last holder), if any."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def manifest_problem(paths: Paths, batch: Batch) -> str | None:
+    """Why the accepted manifest of a pending batch cannot be applied (None if it can): it is
+    missing, a link out of the state folder, not a file, or not the file that was accepted."""
+    path = paths.manifest(batch.batch_id)
+    rel = path.relative_to(paths.home)
+    fix = "restore data/ with `dvc checkout data` (data.dvc records every accepted manifest)"
+    head = f"the manifest of pending batch {batch.batch_id} ({rel})"
+    if not path.exists():
+        return f"{head} is missing{' (a dangling link)' if path.is_symlink() else ''}: {fix}"
+    real = path.resolve()
+    if not real.is_relative_to(paths.home.resolve()):
+        return f"{head} leads out of {paths.home} (to {real}); refusing to read it: {fix}"
+    if not real.is_file():
+        return f"{head} is not a regular file: {fix}"
+    expected = (batch.report or {}).get("manifest_sha256")
+    try:
+        if expected:
+            found = hashlib.sha256(real.read_bytes()).hexdigest()
+            if found != expected:
+                return (f"{head} changed since it was accepted (sha256 {found[:12]}, recorded "
+                        f"{expected[:12]}): {fix}")
+        else:  # accepted before digests were recorded: it must at least still parse
+            read_rows(real)
+    except OSError as e:
+        return f"{head} cannot be read ({e.strerror}): {fix}"
+    except (ValueError, KeyError, TypeError, csv.Error):
+        return f"{head} is not a manifest any more: {fix}"
+    return None
 
 
 def validation_context(cfg: PipelineParams, ledger: Ledger, image_shape: tuple[int, int, int],
@@ -76,11 +124,20 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
                     image_shape: tuple[int, int, int]) -> dict[str, Any]:
     """Validate ``manifest`` and record it; returns the batch id, state and failures.
 
-    Raises ManifestError (nothing recorded) when the file cannot be read at all.
+    Raises ManifestError (nothing recorded) when the file cannot be read at all. The same
+    requests as a batch already pending or done are not recorded again: the result names that
+    batch, with ``duplicate`` set (a client that retries a submission gets the same answer).
     """
-    raw = read_manifest(manifest)
-    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    blob = manifest_bytes(manifest)  # read once: what is hashed is what is validated
+    raw = parse_manifest(blob, manifest)
+    digest = hashlib.sha256(blob).hexdigest()
     with file_lock(paths.artifacts / "submit.lock"), Ledger(paths.ledger) as ledger:
+        same = ledger.same_batch(typed_rows(raw))
+        if same is not None:
+            return {"batch_id": same.batch_id, "state": same.state, "rows": same.rows,
+                    "duplicate": True, "reason": None, "failures": [], "report": None,
+                    "manifest": str(paths.manifest(same.batch_id)), "data_rev": None,
+                    "warning": None}
         seq = ledger.next_seq()
         batch_id = f"b{seq:04d}-{digest[:8]}"
         ctx = validation_context(cfg, ledger, image_shape)
@@ -93,6 +150,7 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
         if report["success"]:
             kept = paths.manifest(batch_id)
             write_manifest(kept, rows)
+            summary["manifest_sha256"] = hashlib.sha256(kept.read_bytes()).hexdigest()
             try:
                 ledger.add_batch(batch_id, seq, "pending", str(manifest), rows, report=summary)
             except BaseException:
@@ -115,7 +173,7 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
     return {"batch_id": batch_id, "state": "pending" if report["success"] else "rejected",
             "rows": len(raw), "reason": reason, "failures": report["failures"],
             "report": str(report_path), "manifest": str(kept), "data_rev": rev,
-            "warning": warning}
+            "warning": warning, "duplicate": False}
 
 
 def revalidate(paths: Paths, cfg: PipelineParams, batch_id: str,

@@ -5,7 +5,8 @@ A manifest is checked in four stages; a stage runs only when the one before it p
 because its rules read what the earlier stage guarantees (columns exist, values parse):
 
 1. ``manifest_columns``  the columns are exactly request_id, instance_id, objective, new_label;
-2. ``manifest_schema``   non-empty, within the batch size limit, ids present, integers where
+2. ``manifest_schema``   non-empty, within the batch size limit, ids present, request ids
+                         printable and at most 128 characters, integers where
                          integers belong;
 3. ``manifest_rules``    uniqueness, ids in the training split and not already
                          deleted, objective allowed, new_label only for relabel, in range and
@@ -18,10 +19,14 @@ The validator never raises on bad data: it returns a report and the caller decid
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import itertools
 import json
 import math
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,13 @@ import pandas as pd
 
 COLUMNS = ("request_id", "instance_id", "objective", "new_label")
 OBJECTIVES = ("misclassify", "relabel")
-INTEGER = r"^-?\d+$"
+INTEGER = r"^-?[0-9]{1,18}$"  # fits int64 (SQLite, pandas): longer digit strings are not ids
+# request ids: printable (no control characters: they reach terminals and logs), bounded
+REQUEST_ID = r"^[^\x00-\x1f\x7f]{1,128}$"
+MAX_MANIFEST_BYTES = 10 * 2**20  # a manifest file larger than this is refused unread
+MAX_MANIFEST_ROWS = 100_000      # and one with more rows than this is refused unvalidated
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+CSV_SUFFIXES = (".csv", ".txt")
 _RUN_IDS = itertools.count(1)
 
 
@@ -51,41 +62,108 @@ class ValidationContext:
     claimed_request_ids: frozenset[str] = field(default_factory=frozenset)
 
 
+def manifest_bytes(path: str | Path) -> bytes:
+    """The bytes of a manifest file, read once: a regular file within the size cap."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {path} does not exist") from None
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ManifestError(f"manifest {path} is not a regular file")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest {path} is {st.st_size} bytes, over the "
+                            f"{MAX_MANIFEST_BYTES // 2**20} MiB limit")
+    suffix = path.suffix.lower()
+    if suffix not in JSON_SUFFIXES + CSV_SUFFIXES:
+        raise ManifestError(f"{path}: unknown manifest format {suffix!r} (use .csv or .jsonl)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_MANIFEST_BYTES:  # it grew while we looked
+        raise ManifestError(f"manifest {path} is over the {MAX_MANIFEST_BYTES // 2**20} MiB limit")
+    if not data.strip():
+        raise ManifestError(f"manifest {path} is empty")
+    return data
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """A manifest (CSV, or JSON lines for .jsonl/.ndjson/.json) as a frame of strings/None."""
+    return parse_manifest(manifest_bytes(path), path)
+
+
+def parse_manifest(data: bytes, path: str | Path) -> pd.DataFrame:
+    """The manifest ``data`` (the bytes of ``path``; its suffix names the format) as a frame.
+
+    Raises ManifestError naming the line for anything that is not a table of records: text
+    that is not UTF-8, broken JSON, CSV rows with more or fewer fields than the header,
+    duplicate columns, more than MAX_MANIFEST_ROWS rows.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest {path} does not exist")
-    suffix = path.suffix.lower()
     try:
-        if suffix in (".jsonl", ".ndjson", ".json"):
-            records = []
-            for n, line in enumerate(path.read_text().splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise ManifestError(f"{path} line {n}: expected a JSON object")
-                records.append(obj)
-            columns = list(dict.fromkeys(k for r in records for k in r))
-            frame = pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object)
-                                  for c in columns}, index=range(len(records)))
-        elif suffix in (".csv", ".txt"):
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    if path.suffix.lower() in JSON_SUFFIXES:
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
             try:
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False,
-                                    skipinitialspace=True)
-            except pd.errors.EmptyDataError:
-                frame = pd.DataFrame()
-        else:
-            raise ManifestError(f"{path}: unknown manifest format {suffix!r} (use .csv or .jsonl)")
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise ManifestError(f"cannot read {path}: {e}") from None
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ManifestError(f"{path} line {n}: JSON nested too deeply") from None
+            if not isinstance(obj, dict):
+                raise ManifestError(f"{path} line {n}: expected a JSON object")
+            records.append(obj)
+            _check_rows(path, len(records))
+        columns = list(dict.fromkeys(k for r in records for k in r))
+        if records and "new_label" not in columns:  # optional in a record: absent means null
+            columns.append("new_label")
+        frame = pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object)
+                              for c in columns}, index=range(len(records)))
+    else:
+        frame = _read_csv(text, path)
     # object columns of text/None (pandas would turn an all-None column into NaN floats)
     return pd.DataFrame({c: pd.Series([_as_text(v) for v in frame[c]], dtype=object)
                          for c in frame.columns}, index=range(len(frame)))
+
+
+def _check_rows(path: Path, n: int) -> None:
+    if n > MAX_MANIFEST_ROWS:
+        raise ManifestError(f"{path} has more than {MAX_MANIFEST_ROWS} rows")
+
+
+def _read_csv(text: str, path: Path) -> pd.DataFrame:
+    """Strict CSV: a header of distinct names, then rows of exactly that many fields."""
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return pd.DataFrame()
+        names = [h.strip() for h in header]
+        dup = sorted({h for h in names if names.count(h) > 1})
+        if dup:
+            raise ManifestError(f"{path} line 1: duplicate column(s) {', '.join(map(repr, dup))}")
+        rows = []
+        for fields in reader:
+            if not fields or fields == [""]:
+                continue  # a blank line
+            if len(fields) != len(names):
+                raise ManifestError(f"{path} line {reader.line_num}: expected {len(names)} "
+                                    f"fields as in the header, got {len(fields)}")
+            rows.append(fields)
+            _check_rows(path, len(rows))
+    except csv.Error as e:
+        raise ManifestError(f"{path} line {reader.line_num}: not valid CSV ({e})") from None
+    return pd.DataFrame({c: pd.Series([r[i] for r in rows], dtype=object)
+                         for i, c in enumerate(names)}, index=range(len(rows)))
 
 
 def _as_text(value: Any) -> str | None:
@@ -100,10 +178,7 @@ def typed_rows(raw: pd.DataFrame) -> list[dict[str, Any]]:
     """Rows with integer ids (None where absent or unparsable), for the ledger."""
 
     def as_int(v: Any) -> int | None:
-        try:
-            return int(v)
-        except (TypeError, ValueError):
-            return None
+        return int(v) if isinstance(v, str) and re.fullmatch(INTEGER, v) else None
 
     return [
         {
@@ -135,6 +210,8 @@ def _schema_suite(ctx: ValidationContext) -> list:
         gxe.ExpectTableRowCountToBeBetween(max_value=ctx.max_batch_size,
                                            meta={"rule": "batch_size_limit"}),
         gxe.ExpectColumnValuesToNotBeNull(column="request_id", meta={"rule": "request_id_present"}),
+        gxe.ExpectColumnValuesToMatchRegex(column="request_id", regex=REQUEST_ID,
+                                           meta={"rule": "request_id_format"}),
         gxe.ExpectColumnValuesToNotBeNull(column="instance_id",
                                           meta={"rule": "instance_id_present"}),
         gxe.ExpectColumnValuesToNotBeNull(column="objective", meta={"rule": "objective_present"}),
@@ -329,10 +406,16 @@ def describe_failures(failures: list[dict], limit: int = 3) -> str:
             more = "…" if len(f["rows"]) > 5 else ""
             where = f" at row{'s' if len(f['rows']) > 1 else ''} {rows}{more}"
             if f["values"]:
-                where += f" (values {', '.join(repr(v) for v in f['values'][:5])})"
+                where += f" (values {', '.join(_short(v) for v in f['values'][:5])})"
         elif f["observed"] is not None:
             where = f" (observed {f['observed']})"
         parts.append(f"rule {f['rule']} failed{where}")
     if len(failures) > limit:
         parts.append(f"and {len(failures) - limit} more")
     return "; ".join(parts)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """A value for a one-line message: repr (control characters escaped), cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,55 @@
+"""Fault injection for the crash tests: ``UNLEARN_FAULT`` names points where the process
+kills itself (SIGKILL: no cleanup, no atexit, no finally) or waits.
+
+``UNLEARN_FAULT="after:register_version"`` kills the process right after the model version
+is registered; several points are comma-separated; ``POINT=wait`` instead blocks at the point
+(writing ``$UNLEARN_FAULT_GATE.reached``) until the file ``$UNLEARN_FAULT_GATE`` is removed,
+so a test can hold a process mid-run. Unset (always, outside tests), ``fault`` is one
+environment lookup.
+
+The points, in the order one batch passes them:
+
+``in:unlearn``               the unlearning loop has run; the candidate is not saved yet
+``after:start_run``          the release's MLflow run is open; nothing registered
+``after:register_version``   the model version exists; the ledger and the aliases do not know it
+``after:record_release``     the ledger records the release; no alias, batch still pending
+``after:candidate_alias``    ``candidate`` points at it; ``champion`` has not moved
+``after:champion_alias``     ``champion`` moved; ``candidate`` not cleared, batch still pending
+``in:record_batch``          inside the ledger transaction that marks the batch done (rolled back)
+``after:lock``               ``unlearn run`` holds the pipeline lock, before any batch
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+ENV, GATE_ENV = "UNLEARN_FAULT", "UNLEARN_FAULT_GATE"
+MAX_WAIT_S = 600.0
+
+
+def fault(point: str) -> None:
+    """Kill this process (or wait) if ``UNLEARN_FAULT`` names ``point``; else nothing."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for entry in spec.split(","):
+        name, _, action = entry.strip().partition("=")
+        if name != point:
+            continue
+        if action in ("", "kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "wait":
+            _wait()
+
+
+def _wait() -> None:
+    gate = os.environ.get(GATE_ENV)
+    if not gate:
+        return
+    Path(gate + ".reached").write_text(str(os.getpid()))
+    deadline = time.monotonic() + MAX_WAIT_S
+    while Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
