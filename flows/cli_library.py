@@ -65,7 +65,26 @@ def register(sub) -> None:
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
                    help="write the list of runs here")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the summary table here")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: 1 per Dask worker; torch's "
+                        "default with --serial)")
+    p.add_argument("--rounds", type=int, default=None, metavar="R",
+                   help="continual mode: R disjoint batches of k each, each round unlearning "
+                        "its own batch from the previous round's model; reports every round")
+    run = p.add_argument_group("where it runs (Prefect flow on Dask by default)")
+    run.add_argument("--serial", action="store_true",
+                     help="run in this process, without Prefect or Dask")
+    run.add_argument("--workers", type=int, default=2,
+                     help="local Dask cluster: worker processes, 1 thread each (default 2)")
+    run.add_argument("--dask-address", default=None, metavar="ADDR",
+                     help="use the running Dask scheduler at ADDR (tcp://host:8786) instead")
+    out = p.add_argument_group("outputs")
+    out.add_argument("--plots", default=None, metavar="DIR",
+                     help="write PNG plots (test drop vs k, trade-off; continual) here")
+    out.add_argument("--mlflow", action="store_true",
+                     help="log params, aggregated metrics and the outputs to the MLflow "
+                          "experiment 'bench' of the project's tracking URI")
+    out.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")
     p.set_defaults(handler=cmd_bench)
 
 
@@ -89,7 +108,7 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
+def _check_bench_args(args) -> None:
     from flows.cli import UsageError
 
     if not 0.0 <= args.retain_fraction <= 0.01:
@@ -100,21 +119,72 @@ def cmd_bench(args) -> int:
         raise UsageError("--epochs must be >= 1")
     if any(k < 1 for k in args.k):
         raise UsageError("--k values must be >= 1")
+    if args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError("--rounds must be >= 1")
+    if args.serial and args.dask_address:
+        raise UsageError("--serial and --dask-address exclude each other")
+    if args.rounds and (args.retrain or args.retain_fraction or args.ablation):
+        raise UsageError("--rounds does not combine with --retrain, --retain-fraction or "
+                         "--ablation")
+
+
+def _bench_model(args, ds):
+    """(checkpoint path, model): the given checkpoint, the cached one, or pre-train and cache."""
+    from flows.cli import UsageError
+    from unlearning.models import CheckpointError, load_checkpoint, save_checkpoint
+    from unlearning.progress import ProgressLine
+    from unlearning.train import pretrain
+
+    epochs = args.epochs or (30 if ds.name == "digits" else 5)
+    cache = Path(args.checkpoint or os.path.join(
+        os.environ.get("UNLEARN_HOME", "."), "artifacts", "bench",
+        f"{ds.name}-{args.model}-e{epochs}-s0.pt")).resolve()
+    if cache.exists():
+        try:
+            model, spec = load_checkpoint(cache)
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
+        if spec.arch != args.model and not args.checkpoint:
+            raise UsageError(f"{cache} holds a {spec.arch}, not a {args.model}")
+    elif args.checkpoint:
+        raise UsageError(f"checkpoint {cache} does not exist")
+    else:
+        from unlearning.train import TrainConfig
+
+        bar = ProgressLine(f"pretrain {ds.name}/{args.model}")
+        model, spec = pretrain(ds, args.model, TrainConfig(epochs=epochs, seed=0), bar)
+        bar.close()
+        save_checkpoint(cache, model, spec)
+    return cache, model, epochs
+
+
+def cmd_bench(args) -> int:
+    import dataclasses
+    import time
+
+    from flows.cli import UsageError
+
+    _check_bench_args(args)
+    if not args.serial:  # Prefect in the project's home, offline; before prefect is imported
+        from tasks.paths import Paths, configure_environment, find_home
+
+        configure_environment(Paths(find_home()))
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        if args.dask_address:
+            from flows.bench_flow import scheduler_problem
+
+            problem = scheduler_problem(args.dask_address)
+            if problem:
+                raise UsageError(problem)
 
     import torch
 
     from unlearning import benchmark as B
     from unlearning.data import DatasetError, load_dataset
-    from unlearning.models import (
-        ARCHITECTURES,
-        CheckpointError,
-        build_model,
-        load_checkpoint,
-        save_checkpoint,
-        spec_for,
-    )
-    from unlearning.progress import ProgressLine
-    from unlearning.train import TrainConfig, accuracy, pretrain
+    from unlearning.models import ARCHITECTURES
+    from unlearning.train import TrainConfig, accuracy
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,52 +202,73 @@ def cmd_bench(args) -> int:
         ds = load_dataset(args.dataset, args.data_dir)
     except (KeyError, ValueError, DatasetError) as e:
         raise UsageError(str(e).strip("'\"")) from None
-    if max(args.k) > ds.num_train:
-        raise UsageError(f"--k {max(args.k)} exceeds the {ds.num_train} training instances")
+    needed = max(args.k) * (args.rounds or 1)
+    if needed > ds.num_train:
+        raise UsageError(f"{needed} forget instances (k x rounds) exceed the {ds.num_train} "
+                         "training instances")
 
-    epochs = args.epochs or (30 if ds.name == "digits" else 5)
-    train_cfg = TrainConfig(epochs=epochs, seed=0)
-    spec = spec_for(args.model, ds)
-    cache = Path(args.checkpoint or os.path.join(
-        os.environ.get("UNLEARN_HOME", "."), "artifacts", "bench",
-        f"{ds.name}-{args.model}-e{epochs}-s0.pt"))
-    if cache.exists():
-        try:
-            model, spec = load_checkpoint(cache)
-        except CheckpointError as e:
-            raise UsageError(str(e)) from None
-    elif args.checkpoint:
-        raise UsageError(f"checkpoint {cache} does not exist")
-    else:
-        bar = ProgressLine(f"pretrain {ds.name}/{args.model}")
-        model, spec = pretrain(ds, args.model, train_cfg, bar)
-        bar.close()
-        save_checkpoint(cache, model, spec)
+    checkpoint, model, epochs = _bench_model(args, ds)
+    where = ("serial" if args.serial else f"Dask scheduler {args.dask_address}"
+             if args.dask_address else f"local Dask cluster, {args.workers} workers x 1 thread")
     print(f"# {ds.name} / {args.model}: test accuracy {accuracy(model, ds.test_x, ds.test_y):.2f}%"
-          f", objective {args.objective}, k={args.k}, seeds={args.seeds}", file=sys.stderr)
+          f", objective {args.objective}, k={args.k}, seeds={args.seeds}"
+          + (f", rounds={args.rounds}" if args.rounds else "") + f"; {where}", file=sys.stderr)
+    spec = {
+        "dataset": ds.name, "data_dir": args.data_dir, "checkpoint": str(checkpoint),
+        "variants": [dataclasses.asdict(v) for v in variants], "objectives": list(objectives),
+        "ks": list(args.k), "seeds": list(args.seeds), "retrain": args.retrain,
+        "retain_fraction": args.retain_fraction, "rounds": args.rounds,
+        "train": dataclasses.asdict(TrainConfig(epochs=epochs, seed=0)),
+        "threads": args.threads or (torch.get_num_threads() if args.serial else 1),
+    }
+    from flows.bench_flow import run_bench
 
-    def factory():
-        return build_model(spec)
-
-    def log(row: dict) -> None:  # one line per run on stderr (the table goes to stdout)
-        print(f"  {row['method']:22s} {row['objective']:11s} k={row['k']:<4d} seed={row['seed']} "
-              f"reached={row['reached']!s:5s} test drop {row['test_drop']:6.2f} pp "
-              f"steps {row['steps']:5d} {row['unlearn_seconds']:7.2f}s", file=sys.stderr,
-              flush=True)
-
-    config = B.BenchConfig(variants=variants, objectives=objectives, ks=tuple(args.k),
-                           seeds=tuple(args.seeds), retrain=args.retrain,
-                           retain_fraction=args.retain_fraction, train=train_cfg)
-    rows = B.run_benchmark(ds, model, factory, config, log)
-    for r in rows:
-        r.update(dataset=ds.name, model=args.model)
-    table = B.summary_table(rows)
+    started = time.time()
+    rows, seconds = run_bench(spec, args.serial, args.workers, args.dask_address, args.quiet)
+    print(f"# {len(rows)} runs in {seconds:.1f} s ({where})", file=sys.stderr)
+    table = B.continual_summary(rows) if args.rounds else B.summary_table(rows)
     md = B.markdown_table(table)
     print(md)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(rows, indent=1))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(md)
+    _write_outputs(args, spec, rows, md, {"wall_seconds": seconds, "started": started})
     return 0
+
+
+def _write_outputs(args, spec: dict, rows: list[dict], md: str, timing: dict) -> None:
+    files: list[Path] = []
+    for target, text in ((args.json_out, json.dumps(rows, indent=1)), (args.markdown, md)):
+        if target:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(target).write_text(text)
+            files.append(Path(target))
+    if args.plots or args.mlflow:
+        import tempfile
+
+        from flows import bench_report as R
+
+        folder = Path(args.plots) if args.plots else Path(tempfile.mkdtemp(prefix="bench-"))
+        pngs = R.plot_continual(rows, folder) if args.rounds else R.plot_sweep(rows, folder)
+        if args.plots:
+            print(f"# plots: {', '.join(str(p) for p in pngs)}", file=sys.stderr)
+        files += pngs
+    if args.mlflow:
+        from tasks.paths import Paths, configure_environment, find_home
+
+        paths = Paths(find_home())
+        configure_environment(paths)
+        if paths.tracking_uri == paths.default_tracking_uri:
+            paths.mlruns.mkdir(parents=True, exist_ok=True)
+        for name, text in (("rows.json", json.dumps(rows, indent=1)), ("summary.md", md)):
+            if not any(f.name == name for f in files):
+                extra = folder / name
+                extra.write_text(text)
+                files.append(extra)
+        params = {k: v for k, v in spec.items() if k not in ("variants", "train")}
+        params.update(methods=",".join(v["label"] for v in spec["variants"]),
+                      overrides=json.dumps({v["label"]: v["params"] for v in spec["variants"]}),
+                      epochs=spec["train"]["epochs"], model=args.model,
+                      runner="serial" if args.serial else args.dask_address or
+                      f"local-dask-{args.workers}")
+        run_id = R.log_to_mlflow(paths.tracking_uri, paths.artifact_root, params, rows, files,
+                                 {"wall_seconds": timing["wall_seconds"], "runs": len(rows)})
+        print(f"# MLflow: experiment {R.EXPERIMENT!r}, run {run_id} ({paths.tracking_uri})",
+              file=sys.stderr)

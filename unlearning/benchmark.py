@@ -1,5 +1,6 @@
 """Benchmark: methods x objective x k x seed on one pre-trained model, with an optional
-retrain-from-scratch reference measured in the same process. Pure PyTorch + numpy; the CLI
+retrain-from-scratch reference measured in the same process, and a continual mode (batch
+after batch, earlier deletions checked every round). Pure PyTorch + numpy; the CLI
 (`unlearn bench`) and the flows only call :func:`run_benchmark` and the table helpers.
 """
 
@@ -17,7 +18,7 @@ import torch
 from .attacks import random_other_labels
 from .data import ImageDataset, sample_forget_ids, sample_retain_ids
 from .methods import ForgetSet, RetainSample, get_method, make_config, unlearn
-from .metrics import relabel_success
+from .metrics import objective_rate, relabel_success
 from .train import TrainConfig, accuracy, train_classifier
 
 # One switch off at a time (`--ablation`): label -> l2ul parameter overrides.
@@ -92,6 +93,73 @@ def retrain_without(ds: ImageDataset, model_factory: Callable[[], torch.nn.Modul
     return model, time.perf_counter() - start
 
 
+# Row fields that measure time: they differ between two runs of the same sweep; every other
+# field is a deterministic function of the inputs (same seed, same thread count).
+TIMING_KEYS = ("unlearn_seconds", "retrain_seconds", "speedup_vs_retrain")
+
+
+def run_group(
+    ds: ImageDataset,
+    model: torch.nn.Module,
+    model_factory: Callable[[], torch.nn.Module],
+    config: BenchConfig,
+    k: int,
+    seed: int,
+    pairs: list[tuple[str, Variant]] | None = None,
+    log: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """The runs of one (k, seed) group: one retrain (if asked) shared by ``pairs``
+    ((objective, variant); default: every objective x variant of ``config``, in that order).
+
+    Each run depends only on its inputs (seeds are set per run), so groups can run in any
+    order or process and give the same rows.
+    """
+    torch.use_deterministic_algorithms(True, warn_only=True)  # same kernels in every process
+    if pairs is None:
+        pairs = list(itertools.product(config.objectives, config.variants))
+    test = (ds.test_x, ds.test_y)
+    test_before = accuracy(model, *test)
+    ids = sample_forget_ids(ds.num_train, k, seed)
+    retain = None
+    if config.retain_fraction > 0:
+        r = sample_retain_ids(ds.num_train, ids, config.retain_fraction, seed)
+        retain = RetainSample(ds.train_x[r], ds.train_y[r])
+    reference: dict[str, Any] = {}
+    if config.retrain:
+        torch.manual_seed(config.train.seed)
+        re_model, re_seconds = retrain_without(ds, model_factory, ids, config.train)
+        reference = {
+            "retrain_seconds": re_seconds,
+            "retrain_test_acc": accuracy(re_model, *test),
+            "retrain_forget_acc": accuracy(re_model, ds.train_x[ids], ds.train_y[ids]),
+        }
+    rows: list[dict] = []
+    for objective, v in pairs:
+        forget = forget_set_for(ds, objective, k, seed)
+        uses_retain = retain is not None and get_method(v.method).accepts_retain
+        res = unlearn(v.method, model, forget, v.params,
+                      retain=retain if uses_retain else None, seed=seed)
+        after = accuracy(res.model, *test)
+        row = {
+            "method": v.label, "base_method": v.method, "objective": objective,
+            "k": k, "seed": seed,
+            "retain_sample": len(retain.x) if retain is not None and uses_retain else 0,
+            "reached": res.reached,
+            "forget_acc": accuracy(res.model, forget.x, forget.y),
+            "relabel_success": relabel_success(res.model, forget),
+            "test_acc_before": test_before, "test_acc_after": after,
+            "test_drop": test_before - after,
+            "steps": res.steps, "unlearn_seconds": res.seconds,
+            **reference,
+        }
+        if "retrain_seconds" in row:
+            row["speedup_vs_retrain"] = row["retrain_seconds"] / max(res.seconds, 1e-9)
+        rows.append(row)
+        if log:
+            log(row)
+    return rows
+
+
 def run_benchmark(
     ds: ImageDataset,
     model: torch.nn.Module,
@@ -101,49 +169,89 @@ def run_benchmark(
 ) -> list[dict]:
     """One record per (variant, objective, k, seed); retrain runs once per (k, seed) and is
     shared by every variant and objective (it does not depend on either)."""
-    test = (ds.test_x, ds.test_y)
-    test_before = accuracy(model, *test)
     rows: list[dict] = []
     for k in config.ks:
         for seed in config.seeds:
-            ids = sample_forget_ids(ds.num_train, k, seed)
-            retain = None
-            if config.retain_fraction > 0:
-                r = sample_retain_ids(ds.num_train, ids, config.retain_fraction, seed)
-                retain = RetainSample(ds.train_x[r], ds.train_y[r])
-            reference: dict[str, Any] = {}
-            if config.retrain:
-                torch.manual_seed(config.train.seed)
-                re_model, re_seconds = retrain_without(ds, model_factory, ids, config.train)
-                reference = {
-                    "retrain_seconds": re_seconds,
-                    "retrain_test_acc": accuracy(re_model, *test),
-                    "retrain_forget_acc": accuracy(re_model, ds.train_x[ids], ds.train_y[ids]),
-                }
-            for objective, v in itertools.product(config.objectives, config.variants):
-                forget = forget_set_for(ds, objective, k, seed)
-                uses_retain = retain is not None and get_method(v.method).accepts_retain
-                res = unlearn(v.method, model, forget, v.params,
-                              retain=retain if uses_retain else None, seed=seed)
-                after = accuracy(res.model, *test)
-                row = {
-                    "method": v.label, "base_method": v.method, "objective": objective,
-                    "k": k, "seed": seed,
-                    "retain_sample": len(retain.x) if retain is not None and uses_retain else 0,
-                    "reached": res.reached,
-                    "forget_acc": accuracy(res.model, forget.x, forget.y),
-                    "relabel_success": relabel_success(res.model, forget),
-                    "test_acc_before": test_before, "test_acc_after": after,
-                    "test_drop": test_before - after,
-                    "steps": res.steps, "unlearn_seconds": res.seconds,
-                    **reference,
-                }
-                if "retrain_seconds" in row:
-                    row["speedup_vs_retrain"] = row["retrain_seconds"] / max(res.seconds, 1e-9)
-                rows.append(row)
-                if log:
-                    log(row)
+            rows += run_group(ds, model, model_factory, config, k, seed, log=log)
     return rows
+
+
+# -- continual: batch after batch, each round unlearning only its own batch ------------------
+
+
+def continual_batches(ds: ImageDataset, objective: str, k: int, rounds: int,
+                      seed: int) -> list[ForgetSet]:
+    """``rounds`` disjoint forget sets of ``k`` ids each, drawn with ``seed``."""
+    ids = sample_forget_ids(ds.num_train, k * rounds, seed)
+    y = ds.train_y[ids]
+    new = None
+    if objective == "relabel":
+        new = random_other_labels(y, ds.num_classes, torch.Generator().manual_seed(1_000 + seed))
+    batches = []
+    for r in range(rounds):
+        part = slice(r * k, (r + 1) * k)
+        batches.append(ForgetSet.build(
+            ds.train_x[ids[part]], y[part], objective, None if new is None else new[part],
+            num_classes=ds.num_classes, ids=ids[part]))
+    return batches
+
+
+def run_continual(ds: ImageDataset, model: torch.nn.Module, variant: Variant, objective: str,
+                  k: int, rounds: int, seed: int,
+                  log: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per round: round r unlearns batch r from round r-1's model (as the release
+    pipeline does), then checks the objective on every earlier batch. A broken earlier
+    deletion is reported (``earlier_held`` False), never repaired here."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    test = (ds.test_x, ds.test_y)
+    test_start = accuracy(model, *test)
+    batches = continual_batches(ds, objective, k, rounds, seed)
+    current, before, rows = model, test_start, []
+    for r, forget in enumerate(batches, start=1):
+        res = unlearn(variant.method, current, forget, variant.params, seed=seed * 1_000 + r)
+        current, after = res.model, accuracy(res.model, *test)
+        earlier = ForgetSet.concat(batches[: r - 1]) if r > 1 else None
+        earlier_ok = earlier.satisfied_by(current) if earlier is not None else None
+        row = {
+            "method": variant.label, "base_method": variant.method, "objective": objective,
+            "k": k, "seed": seed, "round": r, "reached": res.reached,
+            "objective_rate": objective_rate(current, forget),
+            "forget_acc": accuracy(current, forget.x, forget.y),
+            "earlier_objective_rate": (None if earlier_ok is None
+                                       else 100.0 * earlier_ok.float().mean().item()),
+            "earlier_broken": 0 if earlier_ok is None else int((~earlier_ok).sum()),
+            "earlier_held": None if earlier_ok is None else bool(earlier_ok.all()),
+            "test_acc_before": test_start, "test_acc_after": after,
+            "round_test_drop": before - after, "cumulative_test_drop": test_start - after,
+            "steps": res.steps, "unlearn_seconds": res.seconds,
+        }
+        before = after
+        rows.append(row)
+        if log:
+            log(row)
+    return rows
+
+
+def continual_summary(rows: list[dict]) -> list[dict[str, str]]:
+    """Mean ± sd over seeds per (method, objective, k, round)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["objective"], r["k"], r["round"]), []).append(r)
+    table = []
+    for (method, objective, k, rnd), rs in groups.items():
+        earlier = [r["earlier_objective_rate"] for r in rs if r["earlier_objective_rate"] is not None]
+        held = [r["earlier_held"] for r in rs if r["earlier_held"] is not None]
+        table.append({
+            "method": method, "objective": objective, "k": str(k), "round": str(rnd),
+            "deleted": str(k * rnd), "reached": f"{sum(r['reached'] for r in rs)}/{len(rs)}",
+            "batch_objective_rate": _mean_sd([r["objective_rate"] for r in rs]),
+            "earlier_objective_rate": _mean_sd(earlier),
+            "earlier_held": f"{sum(held)}/{len(held)}" if held else "-",
+            "test_acc": _mean_sd([r["test_acc_after"] for r in rs]),
+            "cumulative_drop_pp": _mean_sd([r["cumulative_test_drop"] for r in rs]),
+            "steps": _mean_sd([float(r["steps"]) for r in rs]),
+        })
+    return table
 
 
 def _mean_sd(values: list[float]) -> str:

@@ -1,0 +1,138 @@
+"""``unlearn bench``: serial and Dask runs agree, continual rounds, plots, MLflow, bad arguments.
+
+Tiny settings on digits (k=4, l2ul capped at 30 steps); the pre-trained model is the session's
+``digits_model`` written once to a checkpoint, as the CLI's cache would hold it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from unlearning.benchmark import TIMING_KEYS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--methods", "neggrad,l2ul", "--set", "l2ul.max_steps=30", "--k", "4",
+        "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(digits_model, tmp_path_factory) -> Path:
+    from unlearning.models import save_checkpoint, spec_for
+
+    model, ds = digits_model
+    path = tmp_path_factory.mktemp("bench") / "digits-small-cnn.pt"
+    save_checkpoint(path, model, spec_for("small-cnn", ds))
+    return path
+
+
+def _bench(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(["bench", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _content(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--rounds", "-1"], "--rounds must be >= 1"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--serial", "--dask-address", "tcp://127.0.0.1:9"], "exclude each other"),
+    (["--rounds", "2", "--retrain"], "does not combine"),
+    (["--dask-address", "tcp://127.0.0.1:9"], "cannot reach the Dask scheduler"),
+    (["--k", "900", "--rounds", "2", "--serial"], "exceed the"),
+])
+def test_bad_arguments_are_one_line_usage_errors(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNLEARN_HOME", str(tmp_path))
+    code, _, err = _bench(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unlearn bench: error:")
+    assert message in lines[0]
+
+
+def test_serial_sweep_writes_json_markdown_plots_and_mlflow(checkpoint, tmp_path, monkeypatch,
+                                                            capsys):
+    monkeypatch.setenv("UNLEARN_HOME", str(tmp_path))
+    rows_file, md_file, plots = tmp_path / "rows.json", tmp_path / "summary.md", tmp_path / "png"
+    code, out, _ = _bench([*TINY, "--serial", "--checkpoint", str(checkpoint), "--seeds", "0,1",
+                           "--objective", "misclassify,relabel", "--json", str(rows_file),
+                           "--markdown", str(md_file), "--plots", str(plots), "--mlflow"], capsys)
+    assert code == 0
+    rows = json.loads(rows_file.read_text())
+    assert {(r["method"], r["objective"], r["seed"]) for r in rows} == {
+        (m, o, s) for m in ("neggrad", "l2ul") for o in ("misclassify", "relabel") for s in (0, 1)}
+    assert "± " in md_file.read_text() and md_file.read_text() in out
+    for name in ("test_drop_vs_k.png", "tradeoff.png"):
+        data = (plots / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+    assert run.data.params["dataset"] == "digits" and run.data.params["runner"] == "serial"
+    assert "neggrad/relabel/k4/test_drop" in run.data.metrics
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"rows.json", "summary.md", "test_drop_vs_k.png", "tradeoff.png"} <= logged
+
+
+def test_continual_reports_every_round_and_earlier_batches(checkpoint, tmp_path, capsys):
+    rows_file, plots = tmp_path / "rows.json", tmp_path / "png"
+    code, out, _ = _bench([*TINY, "--serial", "--checkpoint", str(checkpoint), "--seeds", "0",
+                           "--rounds", "3", "--json", str(rows_file), "--plots", str(plots)],
+                          capsys)
+    assert code == 0
+    rows = json.loads(rows_file.read_text())
+    assert [(r["method"], r["round"]) for r in rows] == [
+        (m, r) for m in ("neggrad", "l2ul") for r in (1, 2, 3)]
+    for r in rows:
+        if r["round"] == 1:
+            assert r["earlier_objective_rate"] is None and r["earlier_held"] is None
+        else:
+            assert 0 <= r["earlier_objective_rate"] <= 100
+            assert r["earlier_held"] == (r["earlier_broken"] == 0)
+        assert r["cumulative_test_drop"] == pytest.approx(r["test_acc_before"] - r["test_acc_after"])
+    neggrad = [r for r in rows if r["method"] == "neggrad"]
+    assert sum(r["round_test_drop"] for r in neggrad) == pytest.approx(
+        neggrad[-1]["cumulative_test_drop"])
+    assert "earlier_objective_rate" in out and "| 3 |" in out
+    assert (plots / "continual.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_continual_batches_are_disjoint(digits_model):
+    from unlearning.benchmark import continual_batches
+
+    _, ds = digits_model
+    batches = continual_batches(ds, "relabel", 8, 4, seed=3)
+    ids = [i for b in batches for i in b.ids]
+    assert len(ids) == len(set(ids)) == 32
+    assert all(bool(b.is_relabel.all()) for b in batches)
+
+
+@pytest.mark.slow  # ~20 s of Prefect server and Dask worker start on 2 cores, 50+ s when busy
+@pytest.mark.flow
+def test_dask_gives_the_serial_rows(checkpoint, tmp_path, prefect_server):
+    """Two local Dask workers (own processes, own checkpoint load) vs this process."""
+    from unlearning.benchmark import variants_for
+
+    variants = variants_for(["neggrad", "l2ul"], overrides={"l2ul": {"max_steps": 30}})
+    spec = {
+        "dataset": "digits", "data_dir": None, "checkpoint": str(checkpoint),
+        "variants": [{"label": v.label, "method": v.method, "params": v.params} for v in variants],
+        "objectives": ["misclassify", "relabel"], "ks": [4], "seeds": [0, 1], "retrain": False,
+        "retain_fraction": 0.0, "rounds": None, "threads": 1,
+        "train": {"epochs": 30, "seed": 0},
+    }
+    from flows.bench_flow import run_bench
+
+    serial, _ = run_bench(spec, serial=True, quiet=True)
+    dask, _ = run_bench(spec, serial=False, workers=2, quiet=True)
+    assert len(serial) == 8
+    assert _content(dask) == _content(serial)
