@@ -4,8 +4,8 @@ Reference: Meghdad Kurmanji, Peter Triantafillou, Jamie Hayes, Eleni Triantafill
 Unbounded Machine Unlearning", NeurIPS 2023, arXiv:2302.09880 (code: meghdadk/SCRUB). The
 student starts as the original model (the frozen teacher). Max steps push the student's
 tempered softmax away from the teacher's on forget data (-KL); min steps keep it on retain
-data: ``gamma * CE + alpha * KL`` (the reference's defaults: T=4, alpha=0.001, gamma=0.99,
-Adam). Needs a retain sample.
+data: ``gamma * CE + alpha * KL``. Defaults are the reference notebooks' (T=4, alpha=0.001,
+gamma=0.99, SGD lr 5e-4, momentum 0.9, weight decay 5e-4). Needs a retain sample.
 
 Adaptation to our objectives: ``misclassify`` rows get the max step (-KL, unbounded: it
 pushes until the prediction leaves ``avoid``); ``relabel`` rows are a descent on CE toward
@@ -39,12 +39,14 @@ def tempered_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 @dataclass(frozen=True)
 class ScrubConfig:
-    lr: float = 5e-4  # Adam, as the reference
+    optimizer: str = "sgd"  # "sgd" (the reference notebooks: momentum 0.9, decay 5e-4) | "adam"
+    lr: float = 5e-4  # the reference notebooks' sgda_learning_rate
     temperature: float = 4.0
     alpha: float = 0.001  # weight of the KL to the teacher on retain rows (min step)
     gamma: float = 0.99  # weight of the CE on retain rows (min step)
     min_steps_per_max: int = 1
-    batch_size: int = 64
+    forget_batch_size: int = 32  # the reference notebooks' del_batch_size
+    batch_size: int = 128  # retain rows per min step (the reference's sgda_batch_size)
     max_steps: int = 600
     train_mode: bool = True  # as the reference: student in train mode, teacher in eval
 
@@ -57,8 +59,12 @@ def scrub(model, forget: ForgetSet, cfg: ScrubConfig, retain: RetainSample,
     teacher: nn.Module = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    forget_batches = shuffled_batches(len(forget), cfg.batch_size, ctx.g)
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise ValueError(f"scrub optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
+    opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr) \
+        if cfg.optimizer == "adam" else \
+        torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    forget_batches = shuffled_batches(len(forget), cfg.forget_batch_size, ctx.g)
     retain_batches = shuffled_batches(len(retain.x), cfg.batch_size, ctx.g)
     while not ctx.done:
         part = forget.subset(next(forget_batches))  # max step
