@@ -1,0 +1,184 @@
+"""Crash safety with fault injection: a real ``unlearn run`` process is SIGKILLed at each
+step of a batch (``UNLEARN_FAULT``, tasks/faults.py), then the next ``unlearn run`` must
+finish the batch: never lost, never half-applied, never registered twice.
+
+After each kill: the batch is pending (nothing the ledger calls done is missing from the
+champion), at most one model version exists for it, and the champion is either the old
+version or that one. After the resume: the batch is done with that one version, which is
+champion, recorded in the ledger (release, promotion) and in data/releases.json, with no
+``candidate`` alias left behind and no MLflow run of the batch left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from flow_helpers import cli, cli_json
+
+from tasks.paths import Paths
+
+pytestmark = pytest.mark.flow
+
+# (fault point, a version exists after the kill, the champion alias moved to it)
+POINTS = [
+    ("in:unlearn", False, False),
+    ("after:start_run", False, False),
+    ("after:register_version", True, False),
+    ("after:record_release", True, False),
+    ("after:candidate_alias", True, False),
+    ("after:champion_alias", True, True),
+    ("in:record_batch", True, True),
+]
+FAST = "after:register_version"  # the duplicate-version case: runs in the default suite
+
+
+@dataclass
+class Home:
+    paths: Paths
+    api_url: str
+    next_id: list[int] = field(default_factory=lambda: [100])
+
+    def manifest(self, n: int = 2) -> Path:
+        ids = range(self.next_id[0], self.next_id[0] + n)
+        self.next_id[0] += n
+        path = self.paths.home / f"erase-{ids[0]}.csv"
+        path.write_text("request_id,instance_id,objective,new_label\n"
+                        + "".join(f"c-{i},{i},misclassify,\n" for i in ids))
+        return path
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, prefect_server, write_params):
+    """Version 1 in a fresh state folder; each test submits its own batch on top."""
+    from prefect.settings import PREFECT_API_URL
+
+    root = tmp_path_factory.mktemp("crash")
+    write_params(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNLEARN_HOME", str(root))
+        assert cli("pretrain", "--epochs", "4")[0] == 0
+    yield Home(Paths(root), PREFECT_API_URL.value())
+
+
+def unlearn(home: Home, *args: str, fault: str | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """The console script in its own process, against the session's Prefect server."""
+    exe = shutil.which("unlearn", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "UNLEARN_HOME": str(home.paths.home), "PREFECT_API_URL": home.api_url,
+           "OMP_NUM_THREADS": "1"}
+    env.pop("UNLEARN_FAULT", None)
+    if fault:
+        env["UNLEARN_FAULT"] = fault
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+
+
+def registry(paths: Paths) -> tuple[dict[int, dict[str, str]], dict[str, int]]:
+    """Every version's tags, and the aliases."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=paths.default_tracking_uri,
+                          registry_uri=paths.default_tracking_uri)
+    versions = {int(v.version): dict(v.tags)
+                for v in client.search_model_versions("name = 'forget-classifier'")}
+    aliases = {a: int(v) for a, v in client.get_registered_model("forget-classifier")
+               .aliases.items()}
+    return versions, aliases
+
+
+def ledger_batch(paths: Paths, batch_id: str) -> tuple[str, int | None]:
+    db = sqlite3.connect(paths.ledger)
+    try:
+        state, version = db.execute("SELECT state, version FROM batches WHERE batch_id=?",
+                                    (batch_id,)).fetchone()
+        return state, version
+    finally:
+        db.close()
+
+
+def running_runs(paths: Paths, batch_id: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=paths.default_tracking_uri)
+    exp = client.get_experiment_by_name("unlearning")
+    return [r.info.run_id for r in client.search_runs(
+        [exp.experiment_id], f"tags.batch_id = '{batch_id}' and attributes.status = 'RUNNING'")]
+
+
+def kill_and_resume(home: Home, point: str, registered: bool, champion_moved: bool,
+                    monkeypatch) -> dict:
+    paths = home.paths
+    monkeypatch.setenv("UNLEARN_HOME", str(paths.home))
+    rc, out, err = cli("submit", str(home.manifest()))
+    assert rc == 0, err
+    batch_id = out.split(":")[0]
+    versions0, aliases0 = registry(paths)
+    old_champion = aliases0["champion"]
+
+    killed = unlearn(home, "run", fault=point)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
+
+    # after the kill: pending, at most one version for the batch, champion old or new
+    state, _ = ledger_batch(paths, batch_id)
+    assert state == "pending", f"{point}: the batch is {state} after the kill"
+    versions1, aliases1 = registry(paths)
+    mine = [v for v, tags in versions1.items() if tags.get("batch_id") == batch_id]
+    assert len(mine) == (1 if registered else 0), (point, mine)
+    assert len(versions1) == len(versions0) + len(mine)
+    expected_champion = mine[0] if champion_moved else old_champion
+    assert aliases1["champion"] == expected_champion, (point, aliases1)
+
+    # the next run finishes it, without a second version
+    rc, result = cli_json("run")
+    assert rc == 0 and result["status"] == "ok", result
+    versions2, aliases2 = registry(paths)
+    mine2 = [v for v, tags in versions2.items() if tags.get("batch_id") == batch_id]
+    assert len(mine2) == 1, f"{point}: versions {mine2} for one batch"
+    version = mine2[0]
+    if registered:
+        assert mine2 == mine  # the interrupted run's version was adopted, not re-registered
+        assert len(versions2) == len(versions1)
+    else:
+        assert len(versions2) == len(versions0) + 1
+    state, done_version = ledger_batch(paths, batch_id)
+    assert (state, done_version) == ("done", version)
+    assert aliases2 == {"champion": version}, aliases2  # no stale candidate alias
+    assert versions2[version]["parent_version"] == str(old_champion)
+    assert versions2[version]["gates_passed"] == "true"
+    if champion_moved:
+        assert result["reconciled"] == [batch_id] and result["batches"] == []
+    else:
+        (applied,) = result["batches"]
+        assert applied["batch_id"] == batch_id and applied["version"] == version
+        assert applied["resumed"] is registered
+    _, listing = cli_json("releases")
+    assert listing["promotions"][-1]["version"] == version
+    order = json.loads((paths.data / "releases.json").read_text())
+    assert version in [r["version"] for r in (order["releases"] if isinstance(order, dict)
+                                              else order)]
+    assert running_runs(paths, batch_id) == []
+    return {"batch_id": batch_id, "version": version}
+
+
+@pytest.mark.parametrize("point, registered, champion_moved", [
+    pytest.param(*p, id=p[0], marks=() if p[0] == FAST else pytest.mark.slow) for p in POINTS])
+def test_kill_at_each_step_then_resume(home, point, registered, champion_moved, monkeypatch):
+    kill_and_resume(home, point, registered, champion_moved, monkeypatch)
+
+
+@pytest.mark.slow
+def test_every_release_still_rebuilds_after_the_crashes(home, monkeypatch):
+    """Runs after the kills: the releases they left behind carry intact lineage (verify
+    rebuilds the latest from its parent's weights and its manifest, bit for bit)."""
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    rc, out, err = cli("verify")
+    assert rc == 0, out + err
