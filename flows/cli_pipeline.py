@@ -212,10 +212,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     manifest = Path(args.file)
     require_dataset(cfg)
-    try:
-        from flows.pipeline import input_shape
-
-        result = submit_manifest(paths, cfg, manifest, input_shape(paths, cfg))
+    try:  # (tasks.registry, not flows.pipeline: a submit need not import Prefect)
+        result = submit_manifest(paths, cfg, manifest, registry.input_shape(paths, cfg))
     except ManifestError as e:
         raise UsageError(str(e)) from None
     if result["duplicate"]:  # the same requests again: nothing recorded, the same answer

@@ -55,20 +55,8 @@ def setup(home: str | None) -> tuple[Paths, PipelineParams]:
     return paths, cfg
 
 
-def _shape(tags: dict[str, str]) -> tuple[int, int, int]:
-    c, h, w = (int(s) for s in tags["input_shape"].split("x"))
-    return c, h, w
-
-
-def input_shape(paths: Paths, cfg: PipelineParams) -> tuple[int, int, int]:
-    """The champion's input shape (C, H, W), or the dataset's before there is a champion."""
-    client = registry.connect(paths, cfg)
-    version = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
-    if version is not None:
-        tags = registry.version_info(client, cfg.registry.model_name, version).tags
-        if "input_shape" in tags:
-            return _shape(tags)
-    return release.dataset_of(cfg).image_shape
+_shape = registry.shape_of
+input_shape = registry.input_shape  # here too: the flows' callers import it from this module
 
 
 def dataset_mismatch(client, cfg: PipelineParams, version: int) -> str | None:

@@ -54,7 +54,14 @@ def connect(paths: Paths, cfg: PipelineParams):
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_uri
     if mlflow.get_experiment_by_name(cfg.registry.experiment) is None:
-        mlflow.create_experiment(cfg.registry.experiment, artifact_location=paths.artifact_root)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlflow.create_experiment(cfg.registry.experiment,
+                                     artifact_location=paths.artifact_root)
+        except MlflowException as e:  # another process created it first: use theirs
+            if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
     mlflow.set_experiment(cfg.registry.experiment)
     return MlflowClient(tracking_uri=uri,
                         registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
@@ -213,6 +220,25 @@ def close_stale_runs(client, experiment: str, batch_id: str,
         client.set_terminated(run.info.run_id, status)
         closed.append(run.info.run_id)
     return closed
+
+
+def shape_of(tags: dict[str, str]) -> tuple[int, int, int]:
+    """A version's ``input_shape`` tag ("1x8x8") as (C, H, W)."""
+    c, h, w = (int(s) for s in tags["input_shape"].split("x"))
+    return c, h, w
+
+
+def input_shape(paths: Paths, cfg: PipelineParams) -> tuple[int, int, int]:
+    """The champion's input shape (C, H, W), or the dataset's before there is a champion."""
+    from .release import dataset_of
+
+    client = connect(paths, cfg)
+    version = alias_version(client, cfg.registry.model_name, CHAMPION)
+    if version is not None:
+        tags = version_info(client, cfg.registry.model_name, version).tags
+        if "input_shape" in tags:
+            return shape_of(tags)
+    return dataset_of(cfg).image_shape
 
 
 def set_data_rev(client, name: str, version: int, rev: str) -> None:

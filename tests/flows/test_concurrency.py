@@ -1,0 +1,202 @@
+"""Concurrency and idempotency, with real processes against one state folder.
+
+- two ``unlearn run`` at once: the second is refused with one clear line naming the holder
+  (exit 1, nothing changed) while the first finishes the batch;
+- a run killed while holding the pipeline lock leaves no stale lock: ``flock`` locks die
+  with their process, so the next run proceeds at once;
+- concurrent ``unlearn submit`` clients with distinct manifests are all recorded, each
+  exactly once (no lost request, no duplicate, distinct sequence numbers);
+- the same manifest submitted by several clients at once becomes one batch; the others are
+  told it is already submitted (exit 0, nothing recorded).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from flow_helpers import cli, cli_json
+
+from tasks.paths import Paths
+
+pytestmark = pytest.mark.flow
+
+
+@dataclass
+class Home:
+    paths: Paths
+    api_url: str
+    next_id: list[int] = field(default_factory=lambda: [200])
+
+    def manifest(self, n: int = 2, tag: str = "m") -> Path:
+        ids = range(self.next_id[0], self.next_id[0] + n)
+        self.next_id[0] += n
+        path = self.paths.home / f"{tag}-{ids[0]}.csv"
+        path.write_text("request_id,instance_id,objective,new_label\n"
+                        + "".join(f"{tag}-{i},{i},misclassify,\n" for i in ids))
+        return path
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, prefect_server, write_params):
+    from prefect.settings import PREFECT_API_URL
+
+    root = tmp_path_factory.mktemp("concurrency")
+    write_params(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNLEARN_HOME", str(root))
+        assert cli("pretrain", "--epochs", "4")[0] == 0
+    yield Home(Paths(root), PREFECT_API_URL.value())
+
+
+def start(home: Home, *args: str, **extra_env: str) -> subprocess.Popen:
+    """``unlearn ARGS`` in its own process, against the session's Prefect server."""
+    exe = shutil.which("unlearn", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "UNLEARN_HOME": str(home.paths.home), "PREFECT_API_URL": home.api_url,
+           "OMP_NUM_THREADS": "1", **extra_env}
+    for key in ("UNLEARN_FAULT", "UNLEARN_FAULT_GATE"):
+        if key not in extra_env:
+            env.pop(key, None)
+    return subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def lock_is_held(path: Path) -> bool:
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} early: {proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def ledger_rows(paths: Paths) -> tuple[list[tuple], list[tuple]]:
+    db = sqlite3.connect(paths.ledger)
+    try:
+        batches = db.execute("SELECT batch_id, seq, state, rows FROM batches ORDER BY seq")
+        requests = db.execute("SELECT batch_id, request_id, instance_id FROM requests")
+        return batches.fetchall(), requests.fetchall()
+    finally:
+        db.close()
+
+
+def versions(paths: Paths) -> list[int]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=paths.default_tracking_uri,
+                          registry_uri=paths.default_tracking_uri)
+    return sorted(int(v.version) for v in client.search_model_versions(
+        "name = 'forget-classifier'"))
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lock(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    rc, out, err = cli("submit", str(home.manifest()))
+    assert rc == 0, err
+    batch_id = out.split(":")[0]
+    before = versions(home.paths)
+    gate = tmp_path / "gate"
+    gate.touch()
+    first = start(home, "run", UNLEARN_FAULT="after:lock=wait", UNLEARN_FAULT_GATE=str(gate))
+    try:
+        wait_for(Path(f"{gate}.reached"), first)  # it holds the lock now, and waits
+        assert lock_is_held(home.paths.lock)
+        rc, out, err = finish(start(home, "run"))
+        assert rc == 1, out + err
+        errors = [line for line in err.splitlines() if line.startswith("unlearn run: ")]
+        assert errors == [(
+            f"unlearn run: failed: another pipeline command is running (process {first.pid} "
+            f"holds {home.paths.lock}); nothing was changed: try again when it has finished")]
+        assert "Traceback" not in err
+        assert versions(home.paths) == before  # the refused run changed nothing
+    finally:
+        gate.unlink(missing_ok=True)
+    rc, out, err = finish(first)
+    assert rc == 0, out + err
+    assert f"{batch_id}: done -> version" in out
+    assert versions(home.paths) == before + [before[-1] + 1]
+    assert not lock_is_held(home.paths.lock)
+
+
+def test_a_killed_lock_holder_leaves_no_stale_lock(home, monkeypatch):
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    rc, out, err = cli("submit", str(home.manifest()))
+    assert rc == 0, err
+    batch_id = out.split(":")[0]
+    rc, _, err = finish(start(home, "run", UNLEARN_FAULT="after:lock"))
+    assert rc == -signal.SIGKILL, err[-3000:]
+    assert home.paths.lock.exists()  # the file stays (it names the dead holder) ...
+    assert not lock_is_held(home.paths.lock)  # ... but the kernel released the lock
+    started = time.monotonic()
+    rc, result = cli_json("run")
+    assert rc == 0 and result["status"] == "ok", result
+    assert [b["batch_id"] for b in result["batches"]] == [batch_id]
+    assert time.monotonic() - started < 300  # proceeded, no waiting for a lock timeout
+
+
+@pytest.mark.parametrize("clients", [
+    pytest.param(4, id="4-clients"),
+    pytest.param(20, id="20-clients", marks=pytest.mark.slow),
+])
+def test_concurrent_submits_are_each_recorded_exactly_once(home, clients):
+    batches0, requests0 = ledger_rows(home.paths)
+    manifests = [home.manifest(3, tag=f"s{clients}x{i}") for i in range(clients)]
+    procs = [start(home, "submit", str(m)) for m in manifests]
+    results = [finish(p) for p in procs]
+    for (rc, out, err), m in zip(results, manifests):
+        assert rc == 0, f"{m.name}: {out}{err[-3000:]}"
+        assert "accepted, 3 request(s) pending" in out
+        assert "Traceback" not in err
+    batches, requests = ledger_rows(home.paths)
+    new = [b for b in batches if b not in batches0]
+    assert len(new) == clients and all(b[2] == "pending" for b in new)
+    assert len({b[1] for b in batches}) == len(batches)  # distinct sequence numbers
+    want = sorted(line.split(",")[0] for m in manifests
+                  for line in m.read_text().splitlines()[1:])
+    got = sorted(r[1] for r in requests if r not in requests0)
+    assert got == want  # every request exactly once: none lost, none doubled
+    ids = {out.split(":")[0] for _, out, _ in results}
+    assert ids == {b[0] for b in new}
+    for batch_id in ids:  # each accepted manifest is in data/ for the pipeline and DVC
+        assert home.paths.manifest(batch_id).is_file()
+
+
+def test_the_same_manifest_submitted_at_once_is_one_batch(home):
+    batches0, _ = ledger_rows(home.paths)
+    manifest = home.manifest(2, tag="same")
+    procs = [start(home, "submit", str(manifest)) for _ in range(3)]
+    results = [finish(p) for p in procs]
+    assert [r[0] for r in results] == [0, 0, 0], [r[2][-2000:] for r in results]
+    outs = sorted(r[1].strip() for r in results)
+    accepted = [o for o in outs if "accepted" in o]
+    again = [o for o in outs if "already submitted (pending, 2 request(s)); nothing recorded"
+             in o]
+    assert len(accepted) == 1 and len(again) == 2, outs
+    batch_id = accepted[0].split(":")[0]
+    assert all(o.startswith(f"{batch_id}: ") for o in again)
+    batches, _ = ledger_rows(home.paths)
+    assert [b[0] for b in batches if b not in batches0] == [batch_id]
