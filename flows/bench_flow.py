@@ -125,12 +125,15 @@ def _flow():
     @flow(name="bench", validate_parameters=False)
     def bench_flow(spec: Spec, units: list[Unit], quiet: bool = False) -> list[list[dict]]:
         """Fan the units out on the flow's task runner; rows come back per unit, in order."""
-        futures = [unit_task.submit(spec, u) for u in units]
-        for done in as_completed(futures):
+        # Largest first (cost grows with k and with rounds), so no big unit starts last and
+        # leaves the other workers idle; the rows are put back in plan order below.
+        order = sorted(range(len(units)), key=lambda i: -units[i]["k"])
+        futures = {i: unit_task.submit(spec, units[i]) for i in order}
+        for done in as_completed(list(futures.values())):
             for row in done.result():
                 if not quiet:
                     print_row(row)
-        return [f.result() for f in futures]
+        return [futures[i].result() for i in range(len(units))]
 
     return bench_flow
 
@@ -160,8 +163,13 @@ def run_dask(spec: Spec, workers: int = 2, address: str | None = None,
     """
     for key, value in QUIET_DASK_ENV.items():
         os.environ.setdefault(key, value)
+    import logging
+
     from prefect_dask import DaskTaskRunner
 
+    # A worker that has imported torch does not exit within the nanny's 4 s on close and is
+    # killed (harmless: its results are in); the nanny's warning about it is noise.
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
     if address:
         runner = DaskTaskRunner(address=address)
     else:

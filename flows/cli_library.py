@@ -257,11 +257,14 @@ def _write_outputs(args, spec: dict, rows: list[dict], md: str, timing: dict) ->
         configure_environment(paths)
         if paths.tracking_uri == paths.default_tracking_uri:
             paths.mlruns.mkdir(parents=True, exist_ok=True)
-        for name, text in (("rows.json", json.dumps(rows, indent=1)), ("summary.md", md)):
-            if not any(f.name == name for f in files):
-                extra = folder / name
-                extra.write_text(text)
-                files.append(extra)
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix="bench-mlflow-"))
+        for given, name, text in ((args.json_out, "rows.json", json.dumps(rows, indent=1)),
+                                  (args.markdown, "summary.md", md)):
+            if not given:  # log the rows and the table even when no file was asked for
+                (scratch / name).write_text(text)
+                files.append(scratch / name)
         params = {k: v for k, v in spec.items() if k not in ("variants", "train")}
         params.update(methods=",".join(v["label"] for v in spec["variants"]),
                       overrides=json.dumps({v["label"]: v["params"] for v in spec["variants"]}),
