@@ -140,6 +140,8 @@ def _flow():
 
 def scheduler_problem(address: str, timeout: float = 5.0) -> str | None:
     """Why the Dask scheduler at ``address`` cannot take work (None if it can)."""
+    for key, value in QUIET_DASK_ENV.items():
+        os.environ.setdefault(key, value)
     from distributed import Client
 
     try:

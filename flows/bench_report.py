@@ -50,6 +50,9 @@ def plot_sweep(rows: list[dict], folder: Path) -> list[Path]:
             ax.errorbar(ks, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
                         capsize=3, label=method)
         ax.set_xscale("log", base=2)
+        all_ks = sorted({r["k"] for r in rows})
+        ax.set_xticks(all_ks, [str(k) for k in all_ks])
+        ax.minorticks_off()
         ax.set_title(f"objective: {objective}")
         ax.set_xlabel("forget-set size k")
         ax.axhline(0, color="grey", lw=0.5)

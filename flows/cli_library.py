@@ -40,7 +40,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "bench", help="benchmark methods x k x seed (optionally against retraining)",
         description="Pre-train (or load) a model, then unlearn seeded random forget sets with "
-                    "each method; prints a table and writes one JSON object per run.")
+                    "each method; prints a table and writes one JSON object per run. Runs "
+                    "as a Prefect flow on a Dask cluster (a local one by default), or in "
+                    "this process with --serial; the rows are the same either way, except "
+                    "timings.")
     p.add_argument("--dataset", default="digits", help="digits | fashion-mnist | cifar10 | ...")
     p.add_argument("--data-dir", default=None, help="where the dataset files are (if needed)")
     p.add_argument("--model", default="small-cnn", help="small-cnn | resnet18")
