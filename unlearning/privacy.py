@@ -4,10 +4,10 @@ Carlini et al., *Membership Inference Attacks From First Principles* (IEEE S&P 2
 N shadow models with the project's own recipe (:func:`unlearning.train.train_classifier`) on
 random halves of a candidate pool, so each example is IN for exactly half of them and OUT for
 the other half. For every example and shadow, record the logit-scaled confidence of the true
-class, phi = log(p / (1 - p)) (eq. 4; computed as z_y - logsumexp_{j != y} z_j, which is the
+class, phi = log(p / (1 - p)) (computed as z_y - logsumexp_{j != y} z_j, which is the
 same number without the rounding of p near 1). Fit one Gaussian to the IN values and one to
-the OUT values per example (the *fixed*, i.e. global, variance of §VI-B when shadows are
-few), and score a target model's phi by the likelihood ratio
+the OUT values per example (with a *fixed*, i.e. global, variance when shadows are few,
+as the paper advises), and score a target model's phi by the likelihood ratio
 
     online:  log N(phi; mu_in, s_in^2) - log N(phi; mu_out, s_out^2)
     offline: -log Pr[Z > phi],  Z ~ N(mu_out, s_out^2)   (OUT shadows only)
@@ -20,6 +20,7 @@ The benchmark that uses it lives in :mod:`unlearning.privacy_study`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,20 @@ def inclusion_masks(n_examples: int, n_shadows: int, seed: int) -> np.ndarray:
     return np.take_along_axis(np.broadcast_to(half, (n_shadows, n_examples)), order, 0)
 
 
+def even_batches(config: TrainConfig, n: int) -> TrainConfig:
+    """``config`` with the batch size that splits ``n`` rows into batches of equal size (to
+    within one row per batch), keeping the number of steps per epoch.
+
+    Why: ``train_classifier`` keeps a last partial batch, and BatchNorm on a batch of a few
+    rows spoils the running statistics. Measured on digits (small CNN, 40 epochs): 642 rows
+    in batches of 128 (the last one of 2) reach 97.5% train / 93.6% test accuracy, in six
+    batches of 107 100% / 98.4%. Shadows, target and retrain differ in size by a few rows,
+    so without this the attack would compare models of different quality.
+    """
+    steps = -(-n // config.batch_size)
+    return dataclasses.replace(config, batch_size=-(-n // steps))
+
+
 @dataclass(frozen=True)
 class ShadowSet:
     """What the shadows saw and said: ``masks`` (S, N) bool, ``phi`` (S, N, Q)."""
@@ -86,12 +101,13 @@ def train_shadows(
     progress: Progress | None = None,
 ) -> ShadowSet:
     """Train ``n_shadows`` models (``make_model(i)`` gives shadow i's fresh weights) on random
-    halves of the pool ``(x, y)`` and record phi of every pool example on each."""
+    halves of the pool ``(x, y)`` with ``config`` (seed + 1 + i, :func:`even_batches`) and
+    record phi of every pool example on each. Train the target with ``even_batches`` too."""
     masks = inclusion_masks(len(x), n_shadows, seed)
     phis = []
     for i, mask in enumerate(masks):
         keep = torch.from_numpy(mask)
-        cfg = TrainConfig(**{**config.__dict__, "seed": config.seed + 1 + i})
+        cfg = even_batches(dataclasses.replace(config, seed=config.seed + 1 + i), int(mask.sum()))
         model = train_classifier(make_model(i), x[keep], y[keep], cfg)
         phis.append(logit_confidence(model, x, y, queries))
         if progress:

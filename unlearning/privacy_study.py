@@ -141,7 +141,8 @@ def run_study(cfg: StudyConfig, log: Log | None = None) -> dict:
         return build_model(spec)
 
     start = t0 = time.perf_counter()
-    target = train_classifier(make_model(tcfg.seed), x[m_ids], y[m_ids], tcfg)
+    target = train_classifier(make_model(tcfg.seed), x[m_ids], y[m_ids],
+                              P.even_batches(tcfg, len(m_ids)))
     seconds = {"target": time.perf_counter() - t0}
     log(f"target: train acc {accuracy(target, x[m_ids], y[m_ids]):.2f}% "
         f"test acc {accuracy(target, ds.test_x, ds.test_y):.2f}%")
@@ -183,7 +184,8 @@ def _judge_seed(cfg: StudyConfig, seed: int, pool, target: nn.Module, fit: P.Lir
     judge_ = lambda model: judge(model, fit, pool.train_x, pool.train_y, forget, members, seed)
     rows = [{**base, "model": "original", "objective": "", "steps": 0, "seconds": 0.0,
              "test_acc": accuracy(target, pool.test_x, pool.test_y), **judge_(target)}]
-    retrained, secs = retrain_without(ds_m, lambda: make_model(tcfg.seed), list(forget_local), tcfg)
+    retrained, secs = retrain_without(ds_m, lambda: make_model(tcfg.seed), list(forget_local),
+                                      P.even_batches(tcfg, len(x) - cfg.k))
     rows.append({**base, "model": "retrain (gold)", "objective": "", "steps": 0, "seconds": secs,
                  "test_acc": accuracy(retrained, pool.test_x, pool.test_y), **judge_(retrained)})
     r_ids = sample_retain_ids(len(x), list(forget_local), cfg.retain_fraction, seed)
@@ -297,8 +299,9 @@ one. This page uses an attack that can fail, in a setting where membership is de
 
 **Setting (memorising).** Dataset `{c['dataset']}` (1,347 training digits, 8x8), model
 `{c['arch']}`. The target is trained with the project's recipe (`train_classifier`, SGD
-one-cycle lr {c['train']['lr']}, weight decay {c['train']['weight_decay']}, batch
-{c['train']['batch_size']}, no augmentation) for {c['epochs']} epochs on a seeded half of the
+one-cycle lr {c['train']['lr']}, weight decay {c['train']['weight_decay']}, no augmentation;
+batches of about {c['train']['batch_size']} made equal in size, `privacy.even_batches`: a
+last batch of 2 rows spoils BatchNorm) for {c['epochs']} epochs on a seeded half of the
 training split: {st['members']} members (train accuracy {st['target_train_acc']:.1f}%, test
 accuracy {st['target_test_acc']:.1f}%); the other {st['nonmembers']} are the non-members.
 

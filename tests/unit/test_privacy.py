@@ -63,6 +63,16 @@ def test_fit_recovers_means_and_variance() -> None:
     assert np.ptp(pooled.sd_out) == 0 and pooled.sd_out[0, 0] == pytest.approx(1.0, abs=0.05)
 
 
+def test_even_batches_keeps_the_steps_and_leaves_no_small_batch() -> None:
+    from unlearning.train import TrainConfig
+
+    for n in (642, 674, 128, 129, 5):
+        cfg = P.even_batches(TrainConfig(batch_size=128), n)
+        steps = -(-n // cfg.batch_size)
+        assert steps == -(-n // 128)
+        assert n - (steps - 1) * cfg.batch_size >= cfg.batch_size - steps  # last batch
+
+
 def test_inclusion_masks_balance_every_example() -> None:
     m = P.inclusion_masks(101, 8, seed=3)
     assert m.shape == (8, 101) and (m.sum(0) == 4).all()
@@ -123,7 +133,7 @@ def test_lira_beats_chance_and_the_loss_attack_on_a_memorising_digits_model() ->
         return build_model(spec)
 
     keep = torch.from_numpy(members)
-    target = train_classifier(make(0), x[keep], y[keep], tcfg)
+    target = train_classifier(make(0), x[keep], y[keep], P.even_batches(tcfg, int(keep.sum())))
     fit = P.fit_lira(P.train_shadows(lambda i: make(100 + i), x, y, 4, tcfg, seed=1))
     phi = P.logit_confidence(target, x, y)
     s = P.lira_scores(fit, phi)
