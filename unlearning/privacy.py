@@ -220,7 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", help="comma-separated (default: every registered method but "
                     + ", ".join(study.SKIPPED) + ")")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="no run: rewrite --markdown from a JSON written by --out")
     args = ap.parse_args(argv)
+    if args.render:
+        if not args.markdown:
+            ap.error("--render needs --markdown")
+        result = json.loads(args.render.read_text())
+        args.markdown.write_text(study.to_markdown(result, result["command"]))
+        return 0
     if args.threads < 1 or args.shadows < 4 or args.shadows % 2 or args.k < 1:
         ap.error("--threads and --k must be >= 1, --shadows an even number >= 4")
     from .methods import get_method

@@ -276,8 +276,13 @@ def to_markdown(result: dict, command: str) -> str:
     c, st, sec = result["config"], result["setting"], result["seconds"]
     summary = {(e["model"], e["objective"]): e for e in result["summary"]}
     gold = summary[("retrain (gold)", "")]["forget_auc_two_sided"][0]
-    stand_out = [f"{m} ({o}, {e['forget_auc_two_sided'][0]:.2f})" for (m, o), e in summary.items()
-                 if e["forget_auc_two_sided"][0] >= gold + 0.10]
+    orig = summary[("original", "")]
+    two = lambda e: e["forget_auc_two_sided"][0]
+    label = lambda m, o, e: f"{m}{' ' + o if o else ''} ({two(e):.2f})"
+    stand_out = [label(m, o, e) for (m, o), e in summary.items() if two(e) >= gold + 0.10]
+    broken = [f"{m}{' ' + o if o else ''} (test acc {e['test_acc'][0]:.0f}%)"
+              for (m, o), e in summary.items()
+              if two(e) < gold + 0.10 and e["test_acc"][0] < orig["test_acc"][0] - 10]
     lira = result["original_attacks"][0]
     svc = result["original_attacks"][-1]
     skipped = "; ".join(f"`{k}`: {v}" for k, v in result["skipped"].items())
@@ -346,6 +351,13 @@ How to read it:
   {', '.join(stand_out) if stand_out else 'none'}. A model that deliberately gets exactly the
   deleted samples wrong reveals which ones were deleted: misclassify and relabel are
   *correction* objectives, not privacy ones (DESIGN.md §1, `as-if-unseen`).
+- **Resolution**: the original model (nothing deleted) scores {two(orig):.2f} on the same
+  forget sets, retrain {gold:.2f}: with {c['k']} rows per seed, two-sided AUCs closer to
+  retrain's than that gap cannot be told apart from it here.
+- **Close to retrain only because the model is broken** (test accuracy more than 10 points
+  below the original's): {', '.join(broken) if broken else 'none'}. When most predictions
+  move, the deleted rows hide among the rest; the pipeline's `max_test_drop` gate (3 points
+  in `params.yaml`) would stop such a release, not a privacy check.
 - **LiRA AUC kept members**: the members that were not deleted against the non-members; it
   stays near the original's when the rest of the model is intact, and falls to 0.5 when a
   method destroys the model (then nothing is a member of anything; see test acc).
