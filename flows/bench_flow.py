@@ -77,7 +77,7 @@ def run_unit(spec: Spec, unit: Unit) -> list[dict]:
     if unit["kind"] == "continual":
         (objective, variant), = pairs
         rows = B.run_continual(ds, model, variant, objective, unit["k"], spec["rounds"],
-                               unit["seed"])
+                               unit["seed"], bool(spec.get("include_earlier")))
     else:
         config = B.BenchConfig(
             variants=tuple(variants.values()), objectives=tuple(spec["objectives"]),

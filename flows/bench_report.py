@@ -28,7 +28,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for r in rows:
-        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
     return out
 
 
@@ -89,10 +89,11 @@ def plot_continual(rows: list[dict], folder: Path) -> list[Path]:
     plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for (method, objective, k), rs in _by(rows, "method", "objective", "k").items():
+    for (method, objective, k, both), rs in _by(rows, "method", "objective", "k",
+                                                "include_earlier").items():
         rounds = _by(rs, "round")
         xs = sorted(r[0] for r in rounds)
-        label = f"{method} / {objective} / k={k}"
+        label = f"{method}{' +earlier' if both else ''} / {objective} / k={k}"
         left.plot(xs, [_mean_sd([r["cumulative_test_drop"] for r in rounds[(x,)]])[0]
                        for x in xs], marker="o", label=label)
         later = [x for x in xs if x > 1]

@@ -74,6 +74,9 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, default=None, metavar="R",
                    help="continual mode: R disjoint batches of k each, each round unlearning "
                         "its own batch from the previous round's model; reports every round")
+    p.add_argument("--include-earlier", action="store_true",
+                   help="continual mode: earlier batches join each round's forget set (the "
+                        "release pipeline's unlearn.include_earlier); default: own batch only")
     run = p.add_argument_group("where it runs (Prefect flow on Dask by default)")
     run.add_argument("--serial", action="store_true",
                      help="run in this process, without Prefect or Dask")
@@ -128,6 +131,8 @@ def _check_bench_args(args) -> None:
         raise UsageError("--rounds must be >= 1")
     if args.serial and args.dask_address:
         raise UsageError("--serial and --dask-address exclude each other")
+    if args.include_earlier and not args.rounds:
+        raise UsageError("--include-earlier needs --rounds")
     if args.rounds and (args.retrain or args.retain_fraction or args.ablation):
         raise UsageError("--rounds does not combine with --retrain, --retain-fraction or "
                          "--ablation")
@@ -221,6 +226,7 @@ def cmd_bench(args) -> int:
         "variants": [dataclasses.asdict(v) for v in variants], "objectives": list(objectives),
         "ks": list(args.k), "seeds": list(args.seeds), "retrain": args.retrain,
         "retain_fraction": args.retain_fraction, "rounds": args.rounds,
+        "include_earlier": args.include_earlier,
         "train": dataclasses.asdict(TrainConfig(epochs=epochs, seed=0)),
         "threads": args.threads or (torch.get_num_threads() if args.serial else 1),
     }

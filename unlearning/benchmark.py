@@ -198,24 +198,27 @@ def continual_batches(ds: ImageDataset, objective: str, k: int, rounds: int,
 
 
 def run_continual(ds: ImageDataset, model: torch.nn.Module, variant: Variant, objective: str,
-                  k: int, rounds: int, seed: int,
+                  k: int, rounds: int, seed: int, include_earlier: bool = False,
                   log: Callable[[dict], None] | None = None) -> list[dict]:
-    """One row per round: round r unlearns batch r from round r-1's model (as the release
-    pipeline does), then checks the objective on every earlier batch. A broken earlier
-    deletion is reported (``earlier_held`` False), never repaired here."""
+    """One row per round: round r unlearns batch r from round r-1's model, then checks the
+    objective on every earlier batch. A broken earlier deletion is reported (``earlier_held``
+    False), never repaired here. With ``include_earlier`` the earlier batches join round r's
+    forget set, as the release pipeline's ``unlearn.include_earlier`` does."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     test = (ds.test_x, ds.test_y)
     test_start = accuracy(model, *test)
     batches = continual_batches(ds, objective, k, rounds, seed)
     current, before, rows = model, test_start, []
     for r, forget in enumerate(batches, start=1):
-        res = unlearn(variant.method, current, forget, variant.params, seed=seed * 1_000 + r)
+        target = ForgetSet.concat(batches[:r]) if include_earlier else forget
+        res = unlearn(variant.method, current, target, variant.params, seed=seed * 1_000 + r)
         current, after = res.model, accuracy(res.model, *test)
         earlier = ForgetSet.concat(batches[: r - 1]) if r > 1 else None
         earlier_ok = earlier.satisfied_by(current) if earlier is not None else None
         row = {
             "method": variant.label, "base_method": variant.method, "objective": objective,
-            "k": k, "seed": seed, "round": r, "reached": res.reached,
+            "k": k, "seed": seed, "round": r, "include_earlier": include_earlier,
+            "reached": res.reached,
             "objective_rate": objective_rate(current, forget),
             "forget_acc": accuracy(current, forget.x, forget.y),
             "earlier_objective_rate": (None if earlier_ok is None
@@ -237,7 +240,8 @@ def continual_summary(rows: list[dict]) -> list[dict[str, str]]:
     """Mean ± sd over seeds per (method, objective, k, round)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["objective"], r["k"], r["round"]), []).append(r)
+        label = r["method"] + (" +earlier" if r.get("include_earlier") else "")
+        groups.setdefault((label, r["objective"], r["k"], r["round"]), []).append(r)
     table = []
     for (method, objective, k, rnd), rs in groups.items():
         earlier = [r["earlier_objective_rate"] for r in rs if r["earlier_objective_rate"] is not None]

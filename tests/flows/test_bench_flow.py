@@ -47,6 +47,7 @@ def _content(rows: list[dict]) -> list[dict]:
     (["--rounds", "2", "--retrain"], "does not combine"),
     (["--dask-address", "tcp://127.0.0.1:9"], "cannot reach the Dask scheduler"),
     (["--k", "900", "--rounds", "2", "--serial"], "exceed the"),
+    (["--include-earlier", "--serial"], "needs --rounds"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("UNLEARN_HOME", str(tmp_path))
@@ -136,3 +137,17 @@ def test_dask_gives_the_serial_rows(checkpoint, tmp_path, prefect_server):
     dask, _ = run_bench(spec, serial=False, workers=2, quiet=True)
     assert len(serial) == 8
     assert _content(dask) == _content(serial)
+
+
+def test_include_earlier_keeps_earlier_batches_when_reached(digits_model):
+    """Earlier batches in the forget set (the pipeline's include_earlier): a round that reaches
+    its objective has, by construction, every earlier deletion still holding."""
+    from unlearning.benchmark import Variant, run_continual
+
+    model, ds = digits_model
+    rows = run_continual(ds, model, Variant("neggrad", "neggrad", {"max_steps": 200}),
+                         "misclassify", 4, 3, seed=0, include_earlier=True)
+    assert [r["round"] for r in rows] == [1, 2, 3] and all(r["include_earlier"] for r in rows)
+    for r in rows[1:]:
+        if r["reached"]:
+            assert r["earlier_held"] and r["earlier_objective_rate"] == 100.0
