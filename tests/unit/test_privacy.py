@@ -141,3 +141,6 @@ def test_lira_beats_chance_and_the_loss_attack_on_a_memorising_digits_model() ->
     loss = P.attack_auc(phi[members, 0], phi[~members, 0])
     assert lira > 0.55, f"LiRA AUC {lira:.3f} on the memorising model"
     assert lira > loss + 0.03, f"LiRA {lira:.3f} vs loss threshold {loss:.3f}"
+    # negative control: the same scores against a membership the target never had
+    fake = np.random.default_rng(0).permutation(members)
+    assert abs(P.attack_auc(s[fake], s[~fake]) - 0.5) < 0.05
