@@ -168,6 +168,22 @@ def _bench_model(args, ds):
     return cache, model, epochs
 
 
+def _check_methods_fit(methods: list[str], objectives: tuple[str, ...],
+                      retain_fraction: float) -> None:
+    """Refuse up front what would fail half-way through a sweep."""
+    from flows.cli import UsageError
+    from unlearning.methods import get_method
+
+    for m in methods:
+        info = get_method(m)
+        if info.needs_retain and retain_fraction <= 0:
+            raise UsageError(f"method {m} needs a retain sample: add --retain-fraction (<= 0.01)")
+        missing = [o for o in objectives if o not in info.objectives]
+        if missing:
+            raise UsageError(f"method {m} does not support objective {', '.join(missing)} "
+                             f"(it supports {', '.join(info.objectives)})")
+
+
 def cmd_bench(args) -> int:
     import dataclasses
     import time
@@ -203,13 +219,16 @@ def cmd_bench(args) -> int:
         overrides.setdefault(method, {})[key] = value
     methods = [m for m in args.methods.split(",") if m]
     objectives = tuple(o for o in args.objective.split(",") if o)
-    if not objectives or any(o not in ("misclassify", "relabel") for o in objectives):
-        raise UsageError(f"--objective must be misclassify, relabel or both, got {args.objective!r}")
+    known = ("misclassify", "relabel", "as-if-unseen")
+    if not objectives or any(o not in known for o in objectives):
+        raise UsageError(f"--objective must be a comma-separated list of {', '.join(known)}, "
+                         f"got {args.objective!r}")
     try:
         variants = B.variants_for(methods, args.ablation, overrides)
         ds = load_dataset(args.dataset, args.data_dir)
     except (KeyError, ValueError, DatasetError) as e:
         raise UsageError(str(e).strip("'\"")) from None
+    _check_methods_fit(methods, objectives, args.retain_fraction)
     needed = max(args.k) * (args.rounds or 1)
     if needed > ds.num_train:
         raise UsageError(f"{needed} forget instances (k x rounds) exceed the {ds.num_train} "

@@ -73,14 +73,17 @@ def variants_for(methods: list[str], ablation: bool = False,
     return tuple(out)
 
 
-def forget_set_for(ds: ImageDataset, objective: str, k: int, seed: int) -> ForgetSet:
-    """The seeded forget set; relabel targets uniform over the other classes, per instance."""
+def forget_set_for(ds: ImageDataset, objective: str, k: int, seed: int,
+                   model: torch.nn.Module | None = None) -> ForgetSet:
+    """The seeded forget set; relabel targets uniform over the other classes, per instance;
+    as-if-unseen ceilings from ``model`` on the test split (held-out data)."""
     ids = sample_forget_ids(ds.num_train, k, seed)
     x, y = ds.train_x[ids], ds.train_y[ids]
     new = None
     if objective == "relabel":
         new = random_other_labels(y, ds.num_classes, torch.Generator().manual_seed(1_000 + seed))
-    return ForgetSet.build(x, y, objective, new, num_classes=ds.num_classes, ids=ids)
+    return ForgetSet.build(x, y, objective, new, num_classes=ds.num_classes, ids=ids,
+                           model=model, heldout=(ds.test_x, ds.test_y))
 
 
 def retrain_without(ds: ImageDataset, model_factory: Callable[[], torch.nn.Module],
@@ -136,7 +139,7 @@ def run_group(
         }
     rows: list[dict] = []
     for objective, v in pairs:
-        forget = forget_set_for(ds, objective, k, seed)
+        forget = forget_set_for(ds, objective, k, seed, model)
         uses_retain = retain is not None and get_method(v.method).accepts_retain
         res = unlearn(v.method, model, forget, v.params,
                       retain=retain if uses_retain else None, seed=seed)

@@ -53,6 +53,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # forget-set seeds
     methods: tuple[str, ...] | None = None  # None: every registered method but SKIPPED
     relabel_methods: tuple[str, ...] = ("l2ul", "neggrad")  # also run with objective relabel
+    unseen_methods: tuple[str, ...] = ("l2ul",)  # also run with objective as-if-unseen
     retain_fraction: float = 0.01  # retain sample (of the members) for methods that need one
     split_seed: int = 0
     shadow_seed: int = 1
@@ -124,7 +125,8 @@ def _variants(cfg: StudyConfig) -> list[tuple[str, str]]:
     names = cfg.methods if cfg.methods is not None else [m for m in list_methods()
                                                          if m not in SKIPPED]
     out = [(m, "misclassify") for m in names]
-    return out + [(m, "relabel") for m in names if m in cfg.relabel_methods]
+    return out + [(m, "relabel") for m in names if m in cfg.relabel_methods] \
+        + [(m, "as-if-unseen") for m in names if m in cfg.unseen_methods]
 
 
 def run_study(cfg: StudyConfig, log: Log | None = None) -> dict:
@@ -191,7 +193,7 @@ def _judge_seed(cfg: StudyConfig, seed: int, pool, target: nn.Module, fit: P.Lir
     r_ids = sample_retain_ids(len(x), list(forget_local), cfg.retain_fraction, seed)
     retain = RetainSample(x[r_ids], y[r_ids])
     for method, objective in _variants(cfg):
-        fs = forget_set_for(ds_m, objective, cfg.k, seed)
+        fs = forget_set_for(ds_m, objective, cfg.k, seed, target)
         needs = get_method(method).needs_retain
         res = unlearn(method, target, fs, retain=retain if needs else None, seed=seed)
         rows.append({**base, "model": method + (" +retain" if needs else ""),

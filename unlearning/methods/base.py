@@ -20,8 +20,26 @@ from torch import nn
 
 from ..train import Progress, predict_logits
 
-OBJECTIVES = ("misclassify", "relabel")
+OBJECTIVES = ("misclassify", "relabel", "as-if-unseen")
 MISCLASSIFY = -1  # value of ``relabel_to`` for rows whose objective is misclassify
+AS_IF_UNSEEN = -2  # value of ``relabel_to`` for rows whose objective is as-if-unseen
+
+
+def confidence_logit(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """phi = log(p_y / (1 - p_y)), computed stably from logits: the membership signal used by
+    LiRA (Carlini et al., 2022); members score higher than data the model never saw."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf")).logsumexp(1)
+    return z_y - others
+
+
+def heldout_ceiling(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    num_classes: int, quantile: float = 0.5) -> torch.Tensor:
+    """Per class, the ``quantile`` of phi the model gives held-out (never trained on) data."""
+    phi = confidence_logit(predict_logits(model, x), y.long())
+    overall = phi.quantile(quantile)
+    return torch.stack([phi[y == c].quantile(quantile) if bool((y == c).any()) else overall
+                        for c in range(num_classes)])
 
 
 @dataclass(frozen=True)
@@ -29,7 +47,10 @@ class ForgetSet:
     """Forget instances and, per row, what "forgotten" means.
 
     ``avoid`` is the label a misclassify row must move away from (its original label, or the
-    original model's prediction); ``relabel_to`` is the new label of a relabel row, or -1.
+    original model's prediction); ``relabel_to`` is the new label of a relabel row, -1 for
+    misclassify, -2 for as-if-unseen. An as-if-unseen row is forgotten when the model is no
+    more confident in its label than it is, typically, on held-out data of that class:
+    ``confidence_logit <= ceiling`` (``ceiling`` is +inf on the other rows).
     """
 
     x: torch.Tensor
@@ -37,6 +58,7 @@ class ForgetSet:
     avoid: torch.Tensor
     relabel_to: torch.Tensor
     ids: tuple[int, ...] = ()
+    ceiling: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -49,7 +71,15 @@ class ForgetSet:
         model: nn.Module | None = None,
         num_classes: int | None = None,
         ids: list[int] | tuple[int, ...] = (),
+        heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+        unseen_quantile: float = 0.9,
     ) -> ForgetSet:
+        """``heldout`` (images and labels the model never trained on, e.g. the test split) and
+        ``model`` are needed for as-if-unseen rows: each class's ceiling is the
+        ``unseen_quantile`` of the model's confidence on held-out data of that class. 0.9, not
+        the median: a model that never saw the rows would put about half of them above the
+        median, so pushing every row under it would make the deleted rows stand out as *less*
+        familiar than unseen data; the ceiling only removes confidence no unseen row gets."""
         k = len(x)
         if k == 0:
             raise ValueError("the forget set is empty")
@@ -77,7 +107,20 @@ class ForgetSet:
                 relabel_to[i] = v
             elif v is not None:
                 raise ValueError(f"row {i}: new_label is only allowed for relabel")
-        return cls(x=x, y=y.long(), avoid=avoid.long(), relabel_to=relabel_to, ids=tuple(ids))
+            elif o == "as-if-unseen":
+                relabel_to[i] = AS_IF_UNSEEN
+        ceiling = None
+        unseen = relabel_to == AS_IF_UNSEEN
+        if bool(unseen.any()):
+            if model is None or heldout is None:
+                raise ValueError("as-if-unseen needs the original model and held-out data")
+            if not 0.0 < unseen_quantile <= 1.0:
+                raise ValueError("unseen_quantile must be in (0, 1]")
+            classes = num_classes or int(predict_logits(model, x[:1]).shape[1])
+            per_class = heldout_ceiling(model, *heldout, classes, unseen_quantile)
+            ceiling = torch.where(unseen, per_class[y.long()], torch.tensor(float("inf")))
+        return cls(x=x, y=y.long(), avoid=avoid.long(), relabel_to=relabel_to, ids=tuple(ids),
+                   ceiling=ceiling)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -87,14 +130,22 @@ class ForgetSet:
         return self.relabel_to >= 0
 
     @property
+    def is_unseen(self) -> torch.Tensor:
+        return self.relabel_to == AS_IF_UNSEEN
+
+    @property
     def key_label(self) -> torch.Tensor:
         """Per row, the label that decides it: the new label (relabel) or ``avoid``."""
         return torch.where(self.is_relabel, self.relabel_to, self.avoid)
 
     def satisfied(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-row bool: relabel rows predicted as their new label, others away from ``avoid``."""
+        """Per-row bool: relabel rows predicted as their new label, misclassify rows away from
+        ``avoid``, as-if-unseen rows at or under their ceiling."""
         pred = logits.argmax(1)
-        return torch.where(self.is_relabel, pred == self.relabel_to, pred != self.avoid)
+        ok = torch.where(self.is_relabel, pred == self.relabel_to, pred != self.avoid)
+        if self.ceiling is not None:
+            ok = torch.where(self.is_unseen, confidence_logit(logits, self.y) <= self.ceiling, ok)
+        return ok
 
     def satisfied_by(self, model: nn.Module) -> torch.Tensor:
         return self.satisfied(predict_logits(model, self.x))
@@ -106,11 +157,17 @@ class ForgetSet:
             raise ValueError("nothing to concatenate")
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])
         ids = tuple(i for p in parts for i in p.ids)
-        return ForgetSet(cat("x"), cat("y"), cat("avoid"), cat("relabel_to"), ids)
+        ceiling = None
+        if any(p.ceiling is not None for p in parts):
+            ceiling = torch.cat([p.ceiling if p.ceiling is not None
+                                 else torch.full((len(p),), float("inf")) for p in parts])
+        return ForgetSet(cat("x"), cat("y"), cat("avoid"), cat("relabel_to"), ids, ceiling)
 
     def subset(self, idx: torch.Tensor) -> ForgetSet:
         ids = tuple(self.ids[i] for i in idx.tolist()) if self.ids else ()
-        return ForgetSet(self.x[idx], self.y[idx], self.avoid[idx], self.relabel_to[idx], ids)
+        ceiling = None if self.ceiling is None else self.ceiling[idx]
+        return ForgetSet(self.x[idx], self.y[idx], self.avoid[idx], self.relabel_to[idx], ids,
+                         ceiling)
 
 
 @dataclass(frozen=True)
@@ -185,18 +242,20 @@ class MethodInfo:
     summary: str
     needs_retain: bool = False
     accepts_retain: bool = False
+    objectives: tuple[str, ...] = ("misclassify", "relabel")
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
 
 
 def register(name: str, config_cls: type, summary: str, needs_retain: bool = False,
-             accepts_retain: bool = False):
+             accepts_retain: bool = False,
+             objectives: tuple[str, ...] = ("misclassify", "relabel")):
     def deco(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         _REGISTRY[name] = MethodInfo(name, fn, config_cls, summary, needs_retain,
-                                     accepts_retain or needs_retain)
+                                     accepts_retain or needs_retain, objectives)
         return fn
     return deco
 
@@ -246,6 +305,9 @@ def unlearn(
         raise ValueError(f"method {method!r} needs a retain sample")
     if retain is not None and not info.accepts_retain:
         raise ValueError(f"method {method!r} does not use a retain sample")
+    if bool(forget.is_unseen.any()) and "as-if-unseen" not in info.objectives:
+        raise ValueError(f"method {method!r} does not support the as-if-unseen objective "
+                         f"(it supports {', '.join(info.objectives)})")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     work = copy.deepcopy(model)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..attacks import adversarial_set
 from ..importance import anchor_penalty, inverted_importance, mas_importance
 from ..synthesis import invert_batchnorm
-from .base import Context, ForgetSet, directional_ce, register
+from .base import OBJECTIVES, Context, ForgetSet, confidence_logit, directional_ce, register
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,17 @@ class L2ULConfig:
 def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float) -> torch.Tensor:
     """Hinge on the logit margin; zero for rows already ``margin`` past their boundary.
 
-    Misclassify rows: relu(z_avoid - max_{j != avoid} z_j + margin).
-    Relabel rows:     relu(max_{j != new} z_j - z_new + margin).
+    Misclassify rows:   relu(z_avoid - max_{j != avoid} z_j + margin).
+    Relabel rows:       relu(max_{j != new} z_j - z_new + margin).
+    As-if-unseen rows:  relu(phi_y - ceiling + margin), phi = log(p_y / (1 - p_y)).
     """
     key = forget.key_label
     z_key = logits.gather(1, key[:, None]).squeeze(1)
     others = logits.scatter(1, key[:, None], float("-inf")).max(1).values
     gap = torch.where(forget.is_relabel, others - z_key, z_key - others)
+    if forget.ceiling is not None:
+        excess = confidence_logit(logits, forget.y) - forget.ceiling
+        gap = torch.where(forget.is_unseen, excess, gap)
     return F.relu(gap + margin).mean()
 
 
@@ -119,11 +123,13 @@ def mixup_pairs(x: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
 
 @register("l2ul", L2ULConfig,
           "the project's L2UL: bounded forget loss, distilled adversarial + mixup anchors, "
-          "frozen BatchNorm, inverted MAS importance", accepts_retain=True)
+          "frozen BatchNorm, inverted MAS importance", accepts_retain=True, objectives=OBJECTIVES)
 def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> None:
     if cfg.forget_loss not in ("margin", "neg-ce") or cfg.anchor_loss not in ("kl", "ce") \
             or cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"invalid l2ul config: {cfg}")
+    if cfg.forget_loss == "neg-ce" and bool(forget.is_unseen.any()):
+        raise ValueError("forget_loss='neg-ce' has no as-if-unseen form; use 'margin'")
     model.eval()
     num_classes = model(forget.x[:1]).shape[1]
     anchor_params = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train import TrainConfig, train_classifier
-from .base import Context, ForgetSet, RetainSample, register
+from .base import OBJECTIVES, Context, ForgetSet, RetainSample, register
 from .peer_utils import reinitialise
 
 
@@ -91,7 +91,7 @@ class RetrainConfig:
 @register("retrain", RetrainConfig,
           "exact reference: re-initialise and train on the retain data given (exact only "
           "with the full training set minus the forget set; relabel rows keep their new label)",
-          needs_retain=True)
+          needs_retain=True, objectives=OBJECTIVES)  # as-if-unseen rows are simply left out
 def retrain(model, forget: ForgetSet, cfg: RetrainConfig, retain: RetainSample,
             ctx: Context) -> None:
     relabel = forget.is_relabel

@@ -1,0 +1,70 @@
+"""The as-if-unseen objective: ceilings from held-out data, row satisfaction, who supports it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unlearning.benchmark import forget_set_for
+from unlearning.methods import ForgetSet, unlearn
+from unlearning.methods.base import confidence_logit, heldout_ceiling
+from unlearning.train import accuracy, predict_logits
+
+
+def test_confidence_logit_is_the_log_odds_of_the_true_class():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    y = torch.tensor([0, 2])
+    p = torch.softmax(logits, 1)[torch.arange(2), y]
+    assert torch.allclose(confidence_logit(logits, y), torch.log(p / (1 - p)), atol=1e-6)
+
+
+def test_ceiling_is_the_per_class_quantile_of_heldout_confidence(digits_model):
+    model, ds = digits_model
+    ceil = heldout_ceiling(model, ds.test_x, ds.test_y, ds.num_classes, quantile=0.9)
+    phi = confidence_logit(predict_logits(model, ds.test_x), ds.test_y)
+    for c in range(ds.num_classes):
+        share_under = (phi[ds.test_y == c] <= ceil[c]).float().mean().item()
+        assert 0.85 <= share_under <= 0.95 + 1e-6
+
+
+def test_build_needs_the_model_and_heldout_data(digits_model):
+    model, ds = digits_model
+    x, y = ds.train_x[:4], ds.train_y[:4]
+    with pytest.raises(ValueError, match="held-out"):
+        ForgetSet.build(x, y, "as-if-unseen")
+    with pytest.raises(ValueError, match="unseen_quantile"):
+        ForgetSet.build(x, y, "as-if-unseen", model=model, heldout=(ds.test_x, ds.test_y),
+                        unseen_quantile=0.0)
+
+
+def test_rows_are_satisfied_at_or_under_their_ceiling_and_mixed_sets_keep_ceilings(digits_model):
+    model, ds = digits_model
+    unseen = forget_set_for(ds, "as-if-unseen", 8, seed=0, model=model)
+    phi = confidence_logit(predict_logits(model, unseen.x), unseen.y)
+    assert torch.equal(unseen.satisfied_by(model), phi <= unseen.ceiling)
+    mis = forget_set_for(ds, "misclassify", 4, seed=1)
+    both = ForgetSet.concat([mis, unseen])
+    assert both.ceiling is not None and torch.isinf(both.ceiling[:4]).all()
+    assert torch.equal(both.subset(torch.arange(4, 12)).ceiling, unseen.ceiling)
+    assert torch.equal(both.satisfied_by(model)[4:], unseen.satisfied_by(model))
+
+
+def test_methods_without_the_objective_refuse_it(digits_model):
+    model, ds = digits_model
+    forget = forget_set_for(ds, "as-if-unseen", 4, seed=0, model=model)
+    with pytest.raises(ValueError, match="as-if-unseen"):
+        unlearn("neggrad", model, forget)
+
+
+def test_l2ul_brings_confidence_down_to_a_strict_ceiling_and_keeps_the_model(digits_model):
+    """A low quantile forces real work: every row must end at most as confident as the
+    30% least confident held-out digits of its class."""
+    model, ds = digits_model
+    ids = list(range(6))
+    forget = ForgetSet.build(ds.train_x[ids], ds.train_y[ids], "as-if-unseen", model=model,
+                             heldout=(ds.test_x, ds.test_y), unseen_quantile=0.3, ids=ids)
+    assert not bool(forget.satisfied_by(model).all())
+    res = unlearn("l2ul", model, forget, seed=0)
+    assert res.reached
+    drop = accuracy(model, ds.test_x, ds.test_y) - accuracy(res.model, ds.test_x, ds.test_y)
+    assert drop <= 3.0, drop
