@@ -151,9 +151,50 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def temporary_server_dies_with_us() -> None:
+    """Without PREFECT_API_URL, start Prefect's temporary server now, from this thread, so
+    that the kernel stops it when this process dies, even by SIGKILL (Linux
+    ``PR_SET_PDEATHSIG``). Prefect would start the same server lazily, and a killed
+    ``unlearn`` would leave it running for ever. Elsewhere (or with a server): nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    import ctypes
+    import functools
+    import signal
+    import subprocess
+    import types
+
+    import prefect.server.api.server as prefect_server
+
+    server = prefect_server.SubprocessASGIServer()  # the one Prefect's clients look up
+    if server.running:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # runs in the child, before it execs the server
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(0)
+
+    real = prefect_server.subprocess
+    prefect_server.subprocess = types.SimpleNamespace(**{
+        **vars(subprocess), "Popen": functools.partial(subprocess.Popen,
+                                                       preexec_fn=die_with_parent)})
+    try:
+        server.start()
+    finally:
+        prefect_server.subprocess = real
+
+
 def run_flow(flow_fn, **kwargs: Any) -> dict[str, Any]:
     """Call a flow; an unexpected error becomes a one-line failure (Prefect logged the
     traceback; the ledger left every unfinished batch pending)."""
+    temporary_server_dies_with_us()
     try:
         return flow_fn(**kwargs)
     except (UsageError, Failure):

@@ -182,3 +182,41 @@ def test_every_release_still_rebuilds_after_the_crashes(home, monkeypatch):
     monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
     rc, out, err = cli("verify")
     assert rc == 0, out + err
+
+
+def _servers_of(home: Path) -> list[int]:
+    """Live Prefect server processes started for the state folder ``home``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"uvicorn" in cmd and f"UNLEARN_HOME={home}".encode() in env:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_run_leaves_no_prefect_server_behind(tmp_path, write_params):
+    """Without PREFECT_API_URL, ``unlearn`` starts Prefect's temporary server; SIGKILLed,
+    it must not leave that server running (it used to: an orphan uvicorn per crash)."""
+    import time
+
+    write_params(tmp_path)
+    exe = shutil.which("unlearn", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "UNLEARN_HOME": str(tmp_path), "UNLEARN_FAULT": "after:lock",
+           "PREFECT_HOME": str(tmp_path / ".prefect"), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "run.log"  # a file, not a pipe: an orphan would hold a pipe open
+    with open(log, "w") as out:
+        done = subprocess.run([exe, "run"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                              timeout=600, check=False)
+    assert done.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    deadline = time.monotonic() + 30
+    while (left := _servers_of(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:  # do not leak them past this test either way
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"orphaned Prefect server process(es) {left}"
