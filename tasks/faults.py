@@ -17,6 +17,8 @@ The points, in the order one batch passes them:
 ``after:champion_alias``     ``champion`` moved; ``candidate`` not cleared, batch still pending
 ``in:record_batch``          inside the ledger transaction that marks the batch done (rolled back)
 ``after:lock``               ``unlearn run`` holds the pipeline lock, before any batch
+``after:write_manifest``     ``unlearn submit`` wrote data/deletions/<batch>.csv; the ledger
+                             does not know the batch yet
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .datastore import DataTrackingError, track
+from .faults import fault
 from .ledger import Batch, Ledger
 from .params import PipelineParams
 from .paths import Paths
@@ -151,6 +152,7 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
             kept = paths.manifest(batch_id)
             write_manifest(kept, rows)
             summary["manifest_sha256"] = hashlib.sha256(kept.read_bytes()).hexdigest()
+            fault("after:write_manifest")
             try:
                 ledger.add_batch(batch_id, seq, "pending", str(manifest), rows, report=summary)
             except BaseException:

@@ -220,3 +220,28 @@ def test_a_killed_run_leaves_no_prefect_server_behind(tmp_path, write_params):
     for pid in left:  # do not leak them past this test either way
         os.kill(pid, signal.SIGKILL)
     assert not left, f"orphaned Prefect server process(es) {left}"
+
+
+def test_a_submit_killed_before_the_ledger_write_is_healed_by_its_retry(home, monkeypatch):
+    """Killed after writing the accepted manifest but before the ledger row: the client got
+    no answer, nothing is pending; its retry records the batch once, under the same id."""
+    paths = home.paths
+    manifest = home.manifest()
+    killed = unlearn(home, "submit", str(manifest), fault="after:write_manifest")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    db = sqlite3.connect(paths.ledger)
+    try:
+        known = {r[0] for r in db.execute("SELECT batch_id FROM batches")}
+    finally:
+        db.close()
+    orphans = [p.stem for p in paths.deletions.glob("*.csv") if p.stem not in known]
+    assert len(orphans) == 1  # the file the killed process wrote; no batch claims it
+    monkeypatch.setenv("UNLEARN_HOME", str(paths.home))
+    rc, out, err = cli("submit", str(manifest))
+    assert rc == 0, err
+    assert out.split(":")[0] == orphans[0]  # same sequence number, same digest, same id
+    rc, out, err = cli("submit", str(manifest))
+    assert rc == 0 and "already submitted" in out
+    rc, listing = cli_json("requests")
+    assert [b["batch_id"] for b in listing["batches"]].count(orphans[0]) == 1
+    assert rc == 0 and cli("run")[0] == 0  # and the module's state stays usable
