@@ -182,7 +182,8 @@ def _adopt(paths: Paths, cfg: PipelineParams, client, batch_id: str,
            champion: int) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
     """A version an interrupted run registered for ``batch_id`` on the current champion:
     (version, metrics, gates) read back from the registry, or None if there is none."""
-    mv = registry.find_batch_version(client, cfg.registry.model_name, batch_id, champion)
+    mv = registry.find_batch_version(client, cfg.registry.model_name, batch_id, champion,
+                                     cfg.sha256())
     registry.close_stale_runs(client, cfg.registry.experiment, batch_id,
                               registered_run=mv.run_id if mv is not None else None)
     if mv is None:

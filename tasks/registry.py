@@ -189,9 +189,12 @@ def register_release(
     return int(mv.version)
 
 
-def find_batch_version(client, name: str, batch_id: str, parent: int) -> Any | None:
-    """The version already registered for ``batch_id`` on top of ``parent`` (a run that died
-    after registering it), or None. Resuming adopts it instead of registering a duplicate."""
+def find_batch_version(client, name: str, batch_id: str, parent: int,
+                       params_sha256: str) -> Any | None:
+    """The version already registered for ``batch_id`` on top of ``parent`` with the same
+    parameters (a run that died after registering it), or None. Resuming adopts it instead
+    of registering a duplicate; after a change of params.yaml it is left aside (no alias,
+    not in the ledger) and the batch is released anew."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -201,7 +204,8 @@ def find_batch_version(client, name: str, batch_id: str, parent: int) -> Any | N
             return None
         raise
     same = [mv for mv in found if mv.tags.get("batch_id") == batch_id
-            and mv.tags.get("parent_version") == str(parent)]
+            and mv.tags.get("parent_version") == str(parent)
+            and mv.tags.get("params_sha256") == params_sha256]
     return min(same, key=lambda mv: int(mv.version)) if same else None
 
 
