@@ -18,13 +18,17 @@ def test_confidence_logit_is_the_log_odds_of_the_true_class():
     assert torch.allclose(confidence_logit(logits, y), torch.log(p / (1 - p)), atol=1e-6)
 
 
-def test_ceiling_is_the_per_class_quantile_of_heldout_confidence(digits_model):
+def test_ceiling_is_the_median_confidence_of_the_nearest_heldout_images(digits_model):
     model, ds = digits_model
-    ceil = heldout_ceiling(model, ds.test_x, ds.test_y, ds.num_classes, quantile=0.9)
+    x, y = ds.train_x[:5], ds.train_y[:5]
+    ceil = heldout_ceiling(model, x, y, (ds.test_x, ds.test_y), neighbours=10)
     phi = confidence_logit(predict_logits(model, ds.test_x), ds.test_y)
-    for c in range(ds.num_classes):
-        share_under = (phi[ds.test_y == c] <= ceil[c]).float().mean().item()
-        assert 0.85 <= share_under <= 0.95 + 1e-6
+    for i in range(5):
+        same = (ds.test_y == y[i]).nonzero().squeeze(1)
+        d = (ds.test_x[same].flatten(1) - x[i].flatten()).pow(2).sum(1)
+        near = same[d.argsort()[:10]]
+        assert torch.isclose(ceil[i], phi[near].quantile(0.5))
+    assert torch.isfinite(ceil).all()
 
 
 def test_build_needs_the_model_and_heldout_data(digits_model):
@@ -58,7 +62,7 @@ def test_methods_without_the_objective_refuse_it(digits_model):
 
 def test_l2ul_brings_confidence_down_to_a_strict_ceiling_and_keeps_the_model(digits_model):
     """A low quantile forces real work: every row must end at most as confident as the
-    30% least confident held-out digits of its class."""
+    third least confident of its ten nearest held-out digits."""
     model, ds = digits_model
     ids = list(range(6))
     forget = ForgetSet.build(ds.train_x[ids], ds.train_y[ids], "as-if-unseen", model=model,

@@ -34,12 +34,26 @@ def confidence_logit(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def heldout_ceiling(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    num_classes: int, quantile: float = 0.5) -> torch.Tensor:
-    """Per class, the ``quantile`` of phi the model gives held-out (never trained on) data."""
-    phi = confidence_logit(predict_logits(model, x), y.long())
-    overall = phi.quantile(quantile)
-    return torch.stack([phi[y == c].quantile(quantile) if bool((y == c).any()) else overall
-                        for c in range(num_classes)])
+                    heldout: tuple[torch.Tensor, torch.Tensor], neighbours: int = 10,
+                    quantile: float = 0.5) -> torch.Tensor:
+    """Per row, what confidence a model that never saw it would likely give: the ``quantile``
+    of phi over the ``neighbours`` nearest held-out images of the same class (pixel L2).
+
+    Typical rows have confident neighbours and keep their confidence; atypical, memorised
+    rows have hesitant neighbours and must come down to them. The held-out images are data
+    the model never trained on (e.g. a validation split), not training data.
+    """
+    hx, hy = heldout
+    phi = confidence_logit(predict_logits(model, hx), hy.long())
+    flat = hx.flatten(1)
+    out = torch.empty(len(x))
+    for i in range(len(x)):
+        same = (hy == y[i]).nonzero().squeeze(1)
+        pool = same if len(same) else torch.arange(len(hx))
+        d = (flat[pool] - x[i].flatten()).pow(2).sum(1)
+        near = pool[d.topk(min(neighbours, len(pool)), largest=False).indices]
+        out[i] = phi[near].quantile(quantile)
+    return out
 
 
 @dataclass(frozen=True)
@@ -72,14 +86,10 @@ class ForgetSet:
         num_classes: int | None = None,
         ids: list[int] | tuple[int, ...] = (),
         heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
-        unseen_quantile: float = 0.9,
+        unseen_quantile: float = 0.5,
     ) -> ForgetSet:
         """``heldout`` (images and labels the model never trained on, e.g. the test split) and
-        ``model`` are needed for as-if-unseen rows: each class's ceiling is the
-        ``unseen_quantile`` of the model's confidence on held-out data of that class. 0.9, not
-        the median: a model that never saw the rows would put about half of them above the
-        median, so pushing every row under it would make the deleted rows stand out as *less*
-        familiar than unseen data; the ceiling only removes confidence no unseen row gets."""
+        ``model`` are needed for as-if-unseen rows: see :func:`heldout_ceiling`."""
         k = len(x)
         if k == 0:
             raise ValueError("the forget set is empty")
@@ -116,9 +126,8 @@ class ForgetSet:
                 raise ValueError("as-if-unseen needs the original model and held-out data")
             if not 0.0 < unseen_quantile <= 1.0:
                 raise ValueError("unseen_quantile must be in (0, 1]")
-            classes = num_classes or int(predict_logits(model, x[:1]).shape[1])
-            per_class = heldout_ceiling(model, *heldout, classes, unseen_quantile)
-            ceiling = torch.where(unseen, per_class[y.long()], torch.tensor(float("inf")))
+            per_row = heldout_ceiling(model, x, y.long(), heldout, quantile=unseen_quantile)
+            ceiling = torch.where(unseen, per_row, torch.tensor(float("inf")))
         return cls(x=x, y=y.long(), avoid=avoid.long(), relabel_to=relabel_to, ids=tuple(ids),
                    ceiling=ceiling)
 
