@@ -120,3 +120,28 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("n, expected", [(130, [130]), (256, [128, 128]), (260, [128, 132]),
+                                         (290, [128, 128, 34])])
+def test_training_never_makes_a_batch_of_a_few_rows(n, expected):
+    """A tail under MIN_TAIL rows joins the last batch (BatchNorm on 1-2 images is noise)."""
+    from torch import nn
+
+    from unlearning.train import TrainConfig, train_classifier
+
+    sizes: list[int] = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if self.training:
+                sizes.append(len(x))
+            return self.fc(x)
+
+    x, y = torch.randn(n, 4), torch.randint(0, 2, (n,))
+    train_classifier(Probe(), x, y, TrainConfig(epochs=1, batch_size=128))
+    assert sizes == expected
