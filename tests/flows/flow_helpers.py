@@ -5,9 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from flows.cli import main
+from tasks.paths import Paths
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -27,3 +32,32 @@ def cli_json(*args: str) -> tuple[int, Any]:
 def last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+@dataclass
+class Home:
+    """A state folder holding version 1, for tests that run ``unlearn`` in real processes;
+    ``manifest`` writes a fresh misclassify batch of unused ids each time."""
+
+    paths: Paths
+    api_url: str
+    next_id: list[int] = field(default_factory=lambda: [100])
+
+    def manifest(self, n: int = 2, tag: str = "c") -> Path:
+        ids = range(self.next_id[0], self.next_id[0] + n)
+        self.next_id[0] += n
+        path = self.paths.home / f"{tag}-{ids[0]}.csv"
+        path.write_text("request_id,instance_id,objective,new_label\n"
+                        + "".join(f"{tag}-{i},{i},misclassify,\n" for i in ids))
+        return path
+
+
+def pretrained_home(root: Path, write_params, first_id: int) -> Home:
+    """Pretrain version 1 (4 epochs) in ``root``, against the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    write_params(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNLEARN_HOME", str(root))
+        assert cli("pretrain", "--epochs", "4")[0] == 0
+    return Home(Paths(root), PREFECT_API_URL.value(), [first_id])

@@ -18,11 +18,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from flow_helpers import cli, cli_json
+from flow_helpers import Home, cli, cli_json, pretrained_home
 
 from tasks.paths import Paths
 
@@ -41,32 +40,10 @@ POINTS = [
 FAST = "after:register_version"  # the duplicate-version case: runs in the default suite
 
 
-@dataclass
-class Home:
-    paths: Paths
-    api_url: str
-    next_id: list[int] = field(default_factory=lambda: [100])
-
-    def manifest(self, n: int = 2) -> Path:
-        ids = range(self.next_id[0], self.next_id[0] + n)
-        self.next_id[0] += n
-        path = self.paths.home / f"erase-{ids[0]}.csv"
-        path.write_text("request_id,instance_id,objective,new_label\n"
-                        + "".join(f"c-{i},{i},misclassify,\n" for i in ids))
-        return path
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, prefect_server, write_params):
     """Version 1 in a fresh state folder; each test submits its own batch on top."""
-    from prefect.settings import PREFECT_API_URL
-
-    root = tmp_path_factory.mktemp("crash")
-    write_params(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("UNLEARN_HOME", str(root))
-        assert cli("pretrain", "--epochs", "4")[0] == 0
-    yield Home(Paths(root), PREFECT_API_URL.value())
+    return pretrained_home(tmp_path_factory.mktemp("crash"), write_params, first_id=100)
 
 
 def unlearn(home: Home, *args: str, fault: str | None = None,
