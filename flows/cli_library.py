@@ -105,12 +105,14 @@ def cmd_methods(args) -> int:
         items.append({"name": name, "summary": info.summary,
                       "retain": "required" if info.needs_retain else
                       "optional" if info.accepts_retain else "no",
+                      "objectives": list(info.objectives),
                       "params": dataclasses.asdict(info.config_cls())})
     if args.json:
         print(json.dumps(items, indent=2))
     else:
         for it in items:
-            print(f"{it['name']:16s} {it['summary']} (retain sample: {it['retain']})")
+            print(f"{it['name']:16s} {it['summary']} (retain sample: {it['retain']}; "
+                  f"objectives: {', '.join(it['objectives'])})")
     return 0
 
 

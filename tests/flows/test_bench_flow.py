@@ -48,6 +48,10 @@ def _content(rows: list[dict]) -> list[dict]:
     (["--dask-address", "tcp://127.0.0.1:9"], "cannot reach the Dask scheduler"),
     (["--k", "900", "--rounds", "2", "--serial"], "exceed the"),
     (["--include-earlier", "--serial"], "needs --rounds"),
+    (["--serial", "--methods", "neggrad", "--objective", "as-if-unseen"],
+     "does not support objective as-if-unseen"),
+    (["--serial", "--methods", "finetune"], "needs a retain sample"),
+    (["--serial", "--objective", "forget"], "--objective must be"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("UNLEARN_HOME", str(tmp_path))
@@ -151,3 +155,14 @@ def test_include_earlier_keeps_earlier_batches_when_reached(digits_model):
     for r in rows[1:]:
         if r["reached"]:
             assert r["earlier_held"] and r["earlier_objective_rate"] == 100.0
+
+
+def test_as_if_unseen_rows(checkpoint, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code, _, err = _bench(["--serial", "--checkpoint", str(checkpoint), "--dataset", "digits",
+                           "--methods", "l2ul", "--k", "4", "--threads", "1",
+                           "--objective", "as-if-unseen", "--json", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    rows = json.loads(out.read_text())
+    assert [r["objective"] for r in rows] == ["as-if-unseen"]
+    assert rows[0]["reached"] and rows[0]["test_drop"] <= 3.0
