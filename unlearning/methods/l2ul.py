@@ -156,20 +156,13 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
     row_weight[len(x_adv) + len(x_mix): len(x_adv) + len(x_mix) + len(x_near)] = cfg.neighbour_weight
     perm = torch.randperm(len(x_anchor), generator=ctx.g)  # mix anchor kinds in every batch
     x_anchor, teacher, hard, row_weight = x_anchor[perm], teacher[perm], hard[perm], row_weight[perm]
-    retain_teacher = None
     if retain is not None:  # privileged real data: its own batches, distilled the same way
         with torch.no_grad():
             retain_teacher = F.softmax(model(retain.x), 1)
     ctx.info.update(adversarial_examples=len(x_adv), mixup_anchors=len(x_mix),
                     neighbour_anchors=len(x_near), synthetic_anchors=len(x_syn))
 
-    _loop(model, forget, cfg, retain, ctx, x_anchor, teacher, hard, row_weight, anchor_params,
-          weights, retain_teacher)
-
-
-def _loop(model, forget, cfg, retain, ctx, x_anchor, teacher, hard, row_weight, anchor_params,
-          weights, retain_teacher) -> None:
-    """The bounded update: forget hinge + relaxing anchors (+ retain) + importance penalty."""
+    # The bounded update: forget hinge + relaxing anchors (+ retain) + importance penalty.
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     else:
