@@ -41,7 +41,8 @@ def check_gates(metrics: dict[str, Any], gates: GatesParams) -> GateReport:
 
     Args:
         metrics: ``evaluate_unlearning`` output (percent): objective_rate, test_drop,
-            earlier_objective_rate (None when nothing was deleted before), weights_finite.
+            earlier_objective_rate (None when nothing was deleted before), weights_finite,
+            unseen_membership_z / _auc (None or absent without as-if-unseen rows).
         gates: the limits.
 
     Returns:
@@ -69,6 +70,16 @@ def check_gates(metrics: dict[str, Any], gates: GatesParams) -> GateReport:
     else:
         at_least("earlier_deletions_hold", earlier, gates.min_earlier_objective_rate,
                  "objective rate on earlier deletions")
+    z = metrics.get("unseen_membership_z")
+    if z is not None:  # only batches with as-if-unseen rows carry it
+        ok = abs(z) <= gates.max_membership_z
+        auc = metrics.get("unseen_membership_auc")
+        side = "members" if z > 0 else "deliberately damaged"
+        checks.append(GateCheck(
+            "unseen_membership", ok, z, gates.max_membership_z,
+            f"as-if-unseen rows: membership AUC {_fmt(auc)}, {abs(z):.1f} standard errors "
+            f"from chance " + (f"<= {gates.max_membership_z:g}" if ok else
+                               f"> allowed {gates.max_membership_z:g} (they look like {side})")))
     finite = bool(metrics.get("weights_finite"))
     if gates.require_finite_weights:
         checks.append(GateCheck("weights_finite", finite, float(finite), 1.0,

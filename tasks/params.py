@@ -95,6 +95,9 @@ class GatesParams(_Section):
     min_objective_rate: float = Field(default=100.0, ge=0, le=100)
     max_test_drop: float = Field(default=3.0, ge=0, le=100)
     min_earlier_objective_rate: float = Field(default=100.0, ge=0, le=100)
+    # as-if-unseen rows: the class-matched membership AUC against held-out data must be
+    # within this many standard errors of chance (0.5), on either side
+    max_membership_z: float = Field(default=3.0, gt=0)
     require_finite_weights: bool = True
 
 

@@ -61,18 +61,34 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 for r in csv.DictReader(f)]
 
 
-def forget_set(paths: Paths, dataset, batch_ids: list[str]):
-    """One ForgetSet of the accepted manifests of ``batch_ids`` (None for no batches)."""
+def build_forget_set(dataset, rows: list[dict[str, Any]], parent=None):
+    """The ForgetSet of manifest rows (None for no rows).
+
+    As-if-unseen rows take their levels from ``parent``, the model the release starts from,
+    and the test split (the held-out data of the bundled datasets): the same parent
+    checkpoint gives the same levels, so ``unlearn verify`` rebuilds the same release, and a
+    candidate is judged by its own confidence on held-out rows (``ForgetSet.ceilings_for``).
+    """
     from unlearning.methods import ForgetSet
 
-    rows = [r for b in batch_ids for r in read_rows(paths.manifest(b))]
     if not rows:
         return None
     ids = [r["instance_id"] for r in rows]
     idx = dataset.check_ids(ids)
+    unseen = any(r["objective"] == "as-if-unseen" for r in rows)
+    if unseen and parent is None:
+        raise ValueError("as-if-unseen rows need the parent model for their ceilings")
     return ForgetSet.build(dataset.train_x[idx], dataset.train_y[idx],
                            [r["objective"] for r in rows], [r["new_label"] for r in rows],
-                           num_classes=dataset.num_classes, ids=ids)
+                           num_classes=dataset.num_classes, ids=ids,
+                           model=parent if unseen else None,
+                           heldout=(dataset.test_x, dataset.test_y) if unseen else None)
+
+
+def forget_set(paths: Paths, cfg: PipelineParams, batch_ids: list[str], parent=None):
+    """One ForgetSet of the accepted manifests of ``batch_ids`` (None for no batches)."""
+    rows = [r for b in batch_ids for r in read_rows(paths.manifest(b))]
+    return build_forget_set(dataset_of(cfg), rows, parent)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -110,10 +126,9 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     from unlearning.methods import ForgetSet, unlearn
     from unlearning.models import load_checkpoint, save_checkpoint
 
-    data = dataset_of(cfg)
     model, spec = load_checkpoint(parent["path"], parent["weights_sha256"])
-    current = forget_set(paths, data, [batch_id])
-    before = forget_set(paths, data, earlier) if cfg.unlearn.include_earlier else None
+    current = forget_set(paths, cfg, [batch_id], parent=model)
+    before = forget_set(paths, cfg, earlier, parent=model) if cfg.unlearn.include_earlier else None
     target = ForgetSet.concat([before, current]) if before is not None else current
     seed = batch_seed(cfg.unlearn.seed, batch_id)
     result = unlearn(cfg.unlearn.method, model, target, dict(cfg.unlearn.params), seed=seed,
@@ -156,16 +171,24 @@ def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any]
     metrics.json beside the candidate)."""
     import torch
 
-    from unlearning.metrics import evaluate_unlearning, loss_mia_auc, mia_efficacy
+    from unlearning.metrics import (evaluate_unlearning, loss_mia_auc, membership_auc,
+                                    mia_efficacy)
     from unlearning.models import load_checkpoint
 
     data = dataset_of(cfg)
     parent_model, _ = load_checkpoint(parent["path"], parent["weights_sha256"])
     model, _ = load_checkpoint(candidate["path"], candidate["weights_sha256"])
-    current = forget_set(paths, data, [batch_id])
-    before = forget_set(paths, data, earlier)
+    current = forget_set(paths, cfg, [batch_id], parent=parent_model)
+    before = forget_set(paths, cfg, earlier, parent=parent_model)
     metrics = evaluate_unlearning(model, parent_model, current, (data.test_x, data.test_y),
                                   earlier=before)
+    unseen = current.is_unseen
+    metrics["unseen_count"] = int(unseen.sum())
+    metrics["unseen_membership_auc"] = metrics["unseen_membership_z"] = None
+    if bool(unseen.any()):  # the as-if-unseen gate's evidence, whatever evaluate.mia says
+        auc, z = membership_auc(model, (current.x[unseen], current.y[unseen]),
+                                (data.test_x, data.test_y))
+        metrics.update(unseen_membership_auc=auc, unseen_membership_z=z)
     if cfg.evaluate.mia:
         deleted = set(current.ids) | set(before.ids if before is not None else ())
         keep = torch.tensor([i for i in range(data.num_train) if i not in deleted])

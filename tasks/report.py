@@ -251,16 +251,6 @@ def _manifest_rows(paths: Paths, client, run_id: str, batch_id: str) -> list[dic
         return read_rows(Path(path))
 
 
-def _forget_set(dataset, rows: list[dict[str, Any]]):
-    from unlearning.methods import ForgetSet
-
-    ids = [r["instance_id"] for r in rows]
-    idx = dataset.check_ids(ids)
-    return ForgetSet.build(dataset.train_x[idx], dataset.train_y[idx],
-                           [r["objective"] for r in rows], [r["new_label"] for r in rows],
-                           num_classes=dataset.num_classes, ids=ids)
-
-
 def _pgd_settings(cfg: PipelineParams) -> tuple[float, int]:
     from unlearning.methods import make_config
 
@@ -286,7 +276,7 @@ def collect_report(paths: Paths, cfg: PipelineParams, version: int, *,
     import torch
 
     from .ledger import Ledger
-    from .release import dataset_of
+    from .release import build_forget_set, dataset_of
 
     total = 6
     tick = progress or (lambda done, total, message="": None)
@@ -327,12 +317,15 @@ def collect_report(paths: Paths, cfg: PipelineParams, version: int, *,
 
     tick(2, total, "forget set")
     requests = [r for b in batches for r in _manifest_rows(paths, client, mv.run_id, b)]
-    forget = _forget_set(data, requests) if requests else None
+    def forget_set_of(rows: list[dict[str, Any]]):  # as-if-unseen levels: from the parent
+        return build_forget_set(data, rows, parent)
+
+    forget = forget_set_of(requests) if requests else None
     rows = forget_rows(parent, model, forget, requests) if forget is not None else []
     earlier_rows = {b: _manifest_rows(paths, client, mv.run_id, b) for b in earlier_batches}
     earlier = []
     for b, b_rows in earlier_rows.items():
-        fs = _forget_set(data, b_rows)
+        fs = forget_set_of(b_rows)
         met = fs.satisfied_by(model)
         earlier.append({"batch_id": b, "instances": len(fs), "objective_met": int(met.sum())})
 

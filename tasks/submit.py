@@ -99,6 +99,8 @@ def manifest_problem(paths: Paths, batch: Batch) -> str | None:
 
 def validation_context(cfg: PipelineParams, ledger: Ledger, image_shape: tuple[int, int, int],
                        exclude_batch: str | None = None) -> ValidationContext:
+    from unlearning.methods import get_method
+
     data = dataset_of(cfg)
     return ValidationContext(
         num_train=data.num_train,
@@ -106,6 +108,7 @@ def validation_context(cfg: PipelineParams, ledger: Ledger, image_shape: tuple[i
         train_labels=data.train_y.tolist(),
         image_shape=image_shape,
         max_batch_size=cfg.validation.max_batch_size,
+        supported_objectives=tuple(get_method(cfg.unlearn.method).objectives),
         claimed_instances=frozenset(ledger.claimed_instances(exclude_batch)),
         claimed_request_ids=frozenset(ledger.claimed_request_ids(exclude_batch)),
     )

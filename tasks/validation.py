@@ -9,7 +9,8 @@ because its rules read what the earlier stage guarantees (columns exist, values 
                          printable and at most 128 characters, integers where
                          integers belong;
 3. ``manifest_rules``    uniqueness, ids in the training split and not already
-                         deleted, objective allowed, new_label only for relabel, in range and
+                         deleted, objective allowed and supported by the configured
+                         method, new_label only for relabel, in range and
                          different from the current label;
 4. ``forget_images``     the images of those ids: finite, in [0, 1], the model's input shape.
 
@@ -34,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 COLUMNS = ("request_id", "instance_id", "objective", "new_label")
-OBJECTIVES = ("misclassify", "relabel")
+OBJECTIVES = ("misclassify", "relabel", "as-if-unseen")
 INTEGER = r"^-?[0-9]{1,18}$"  # fits int64 (SQLite, pandas): longer digit strings are not ids
 # request ids: printable (no control characters: they reach terminals and logs), bounded
 REQUEST_ID = r"^[^\x00-\x1f\x7f]{1,128}$"
@@ -58,6 +59,7 @@ class ValidationContext:
     train_labels: list[int]
     image_shape: tuple[int, int, int]  # what the model expects: (C, H, W)
     max_batch_size: int
+    supported_objectives: tuple[str, ...] = OBJECTIVES  # those params.yaml's method can do
     claimed_instances: frozenset[int] = field(default_factory=frozenset)
     claimed_request_ids: frozenset[str] = field(default_factory=frozenset)
 
@@ -247,6 +249,11 @@ def _rules_suite(ctx: ValidationContext) -> list:
                                            meta={"rule": "not_already_deleted"}),
         gxe.ExpectColumnValuesToBeInSet(column="objective", value_set=list(OBJECTIVES),
                                         meta={"rule": "objective_allowed"}),
+        # a known objective the configured method cannot do would fail at unlearning time
+        gxe.ExpectColumnValuesToBeInSet(column="objective",
+                                        value_set=list(ctx.supported_objectives),
+                                        row_condition=Column("objective").is_in(list(OBJECTIVES)),
+                                        meta={"rule": "objective_supported_by_method"}),
         gxe.ExpectColumnValuesToNotBeNull(column="new_label", row_condition=relabel,
                                           meta={"rule": "relabel_needs_new_label"}),
         gxe.ExpectColumnValuesToBeNull(column="new_label",

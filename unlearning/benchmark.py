@@ -17,9 +17,10 @@ import torch
 
 from .attacks import random_other_labels
 from .data import ImageDataset, sample_forget_ids, sample_retain_ids
-from .methods import ForgetSet, RetainSample, get_method, make_config, unlearn
-from .metrics import objective_rate, relabel_success
-from .train import TrainConfig, accuracy, train_classifier
+from .methods import ForgetSet, RetainSample, UnlearnResult, get_method, make_config, unlearn
+from .methods.retrain import retrain_reference, training_data_without
+from .metrics import membership_auc, mia_efficacy, objective_rate, relabel_success
+from .train import TrainConfig, accuracy, steps_per_epoch, train_classifier
 
 # One switch off at a time (`--ablation`): label -> l2ul parameter overrides.
 L2UL_ABLATION: dict[str, dict[str, Any]] = {
@@ -97,6 +98,61 @@ def retrain_without(ds: ImageDataset, model_factory: Callable[[], torch.nn.Modul
     return model, time.perf_counter() - start
 
 
+def exact_retrain(ds: ImageDataset, model_factory: Callable[[], torch.nn.Module],
+                  forget: ForgetSet, config: TrainConfig,
+                  reuse: tuple[torch.nn.Module, float] | None = None) -> UnlearnResult:
+    """The ``retrain`` method as the benchmark runs it when no retain sample is given: the
+    whole training split minus the forget rows (relabel rows with their new label), with the
+    pre-training recipe. ``reuse``: the (model, seconds) of a retrain of the same rows
+    already measured (``--retrain``, non-relabel objectives): the same weights."""
+    rows = len(training_data_without(ds.train_x, ds.train_y, forget)[0])
+    model, seconds = reuse if reuse is not None else retrain_reference(
+        model_factory, ds.train_x, ds.train_y, forget, config)
+    ok = forget.satisfied_by(model)
+    return UnlearnResult(model=model, reached=bool(ok.all()),
+                         steps=config.epochs * steps_per_epoch(rows, config.batch_size),
+                         seconds=seconds, satisfied=int(ok.sum()), total=len(forget),
+                         info={"trained_on": rows, "exact": True})
+
+
+# Retain accuracy and the MIA's member side are measured on this many training rows outside
+# the forget set (a fixed draw per seed): the whole split would cost more than the unlearning.
+RETAIN_EVAL_ROWS = 2000
+# The metrics averaged into ``gap_to_retrain`` (DESIGN §5), all in percent.
+GAP_METRICS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy")  # not membership_auc
+
+
+def retain_eval_ids(num_train: int, forget_ids: list[int], seed: int,
+                    n: int = RETAIN_EVAL_ROWS) -> list[int]:
+    """Training rows outside the forget set on which retain accuracy is measured."""
+    excluded = {int(i) for i in forget_ids}
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(20_000 + seed))
+    return [i for i in order.tolist() if i not in excluded][:n]
+
+
+def model_metrics(model: torch.nn.Module, ds: ImageDataset, forget_x: torch.Tensor,
+                  forget_y: torch.Tensor, retain_ids: list[int], seed: int) -> dict[str, float]:
+    """Forget / retain / test accuracy and SalUn's MIA efficacy (members: the retain rows,
+    non-members: the test split) of one model, in percent; and the class-matched
+    membership AUC of the forget rows against the test split (:func:`membership_auc`)."""
+    retain = (ds.train_x[retain_ids], ds.train_y[retain_ids])
+    auc, _ = membership_auc(model, (forget_x, forget_y), (ds.test_x, ds.test_y))
+    return {
+        "membership_auc": auc,
+        "forget_acc": accuracy(model, forget_x, forget_y),
+        "retain_acc": accuracy(model, *retain),
+        "test_acc": accuracy(model, ds.test_x, ds.test_y),
+        "mia_efficacy": mia_efficacy(model, retain, (ds.test_x, ds.test_y),
+                                     (forget_x, forget_y), seed=seed),
+    }
+
+
+def gap_to_retrain(measured: dict[str, float], retrained: dict[str, float]) -> float:
+    """Mean absolute gap (percentage points) over :data:`GAP_METRICS` between a model's
+    :func:`model_metrics` and the retrained model's."""
+    return statistics.mean(abs(measured[m] - retrained[m]) for m in GAP_METRICS)
+
+
 # Row fields that measure time: they differ between two runs of the same sweep; every other
 # field is a deterministic function of the inputs (same seed, same thread count).
 TIMING_KEYS = ("unlearn_seconds", "retrain_seconds", "speedup_vs_retrain")
@@ -128,36 +184,48 @@ def run_group(
     if config.retain_fraction > 0:
         r = sample_retain_ids(ds.num_train, ids, config.retain_fraction, seed)
         retain = RetainSample(ds.train_x[r], ds.train_y[r])
+    retain_eval = retain_eval_ids(ds.num_train, ids, seed)
+    forget_x, forget_y = ds.train_x[ids], ds.train_y[ids]
     reference: dict[str, Any] = {}
+    retrained: dict[str, float] = {}
+    removal: tuple[torch.nn.Module, float] | None = None
     if config.retrain:
         torch.manual_seed(config.train.seed)
-        re_model, re_seconds = retrain_without(ds, model_factory, ids, config.train)
-        reference = {
-            "retrain_seconds": re_seconds,
-            "retrain_test_acc": accuracy(re_model, *test),
-            "retrain_forget_acc": accuracy(re_model, ds.train_x[ids], ds.train_y[ids]),
-        }
+        removal = retrain_without(ds, model_factory, ids, config.train)
+        re_model, re_seconds = removal
+        retrained = model_metrics(re_model, ds, forget_x, forget_y, retain_eval, seed)
+        reference = {"retrain_seconds": re_seconds,
+                     **{f"retrain_{m}": v for m, v in retrained.items()}}
     rows: list[dict] = []
     for objective, v in pairs:
         forget = forget_set_for(ds, objective, k, seed, model)
         uses_retain = retain is not None and get_method(v.method).accepts_retain
-        res = unlearn(v.method, model, forget, v.params,
-                      retain=retain if uses_retain else None, seed=seed)
-        after = accuracy(res.model, *test)
+        if v.method == "retrain" and not uses_retain:
+            res = exact_retrain(ds, model_factory, forget, config.train,
+                                reuse=removal if objective != "relabel" else None)
+        else:
+            res = unlearn(v.method, model, forget, v.params,
+                          retain=retain if uses_retain else None, seed=seed)
+        measured = model_metrics(res.model, ds, forget_x, forget_y, retain_eval, seed)
         row = {
             "method": v.label, "base_method": v.method, "objective": objective,
             "k": k, "seed": seed,
             "retain_sample": len(retain.x) if retain is not None and uses_retain else 0,
             "reached": res.reached,
-            "forget_acc": accuracy(res.model, forget.x, forget.y),
             "relabel_success": relabel_success(res.model, forget),
-            "test_acc_before": test_before, "test_acc_after": after,
-            "test_drop": test_before - after,
+            "forget_acc": measured["forget_acc"], "retain_acc": measured["retain_acc"],
+            "mia_efficacy": measured["mia_efficacy"],
+            "membership_auc": measured["membership_auc"],
+            "test_acc_before": test_before, "test_acc_after": measured["test_acc"],
+            "test_drop": test_before - measured["test_acc"],
             "steps": res.steps, "unlearn_seconds": res.seconds,
             **reference,
         }
         if "retrain_seconds" in row:
             row["speedup_vs_retrain"] = row["retrain_seconds"] / max(res.seconds, 1e-9)
+            # The reference removes the rows; a relabel run is meant to differ from it.
+            row["gap_to_retrain"] = (None if objective == "relabel"
+                                     else gap_to_retrain(measured, retrained))
         rows.append(row)
         if log:
             log(row)
@@ -183,21 +251,25 @@ def run_benchmark(
 # -- continual: batch after batch, each round unlearning only its own batch ------------------
 
 
-def continual_batches(ds: ImageDataset, objective: str, k: int, rounds: int,
-                      seed: int) -> list[ForgetSet]:
-    """``rounds`` disjoint forget sets of ``k`` ids each, drawn with ``seed``."""
+def continual_batch(ds: ImageDataset, objective: str, k: int, rounds: int, seed: int,
+                    r: int, parent: torch.nn.Module | None = None) -> ForgetSet:
+    """Batch ``r`` (0-based) of ``rounds`` disjoint forget sets of ``k`` ids drawn with
+    ``seed``. As-if-unseen ceilings come from ``parent``, the model the batch is deleted from."""
     ids = sample_forget_ids(ds.num_train, k * rounds, seed)
     y = ds.train_y[ids]
     new = None
     if objective == "relabel":
         new = random_other_labels(y, ds.num_classes, torch.Generator().manual_seed(1_000 + seed))
-    batches = []
-    for r in range(rounds):
-        part = slice(r * k, (r + 1) * k)
-        batches.append(ForgetSet.build(
-            ds.train_x[ids[part]], y[part], objective, None if new is None else new[part],
-            num_classes=ds.num_classes, ids=ids[part]))
-    return batches
+    part = slice(r * k, (r + 1) * k)
+    return ForgetSet.build(ds.train_x[ids[part]], y[part], objective,
+                           None if new is None else new[part], num_classes=ds.num_classes,
+                           ids=ids[part], model=parent, heldout=(ds.test_x, ds.test_y))
+
+
+def continual_batches(ds: ImageDataset, objective: str, k: int, rounds: int,
+                      seed: int) -> list[ForgetSet]:
+    """All ``rounds`` batches (misclassify / relabel: they need no parent model)."""
+    return [continual_batch(ds, objective, k, rounds, seed, r) for r in range(rounds)]
 
 
 def run_continual(ds: ImageDataset, model: torch.nn.Module, variant: Variant, objective: str,
@@ -206,13 +278,16 @@ def run_continual(ds: ImageDataset, model: torch.nn.Module, variant: Variant, ob
     """One row per round: round r unlearns batch r from round r-1's model, then checks the
     objective on every earlier batch. A broken earlier deletion is reported (``earlier_held``
     False), never repaired here. With ``include_earlier`` the earlier batches join round r's
-    forget set, as the release pipeline's ``unlearn.include_earlier`` does."""
+    forget set, as the release pipeline's ``unlearn.include_earlier`` does. As-if-unseen
+    ceilings are fixed when a batch is deleted, from the model it is deleted from."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     test = (ds.test_x, ds.test_y)
     test_start = accuracy(model, *test)
-    batches = continual_batches(ds, objective, k, rounds, seed)
     current, before, rows = model, test_start, []
-    for r, forget in enumerate(batches, start=1):
+    batches: list[ForgetSet] = []
+    for r in range(1, rounds + 1):
+        forget = continual_batch(ds, objective, k, rounds, seed, r - 1, parent=current)
+        batches.append(forget)
         target = ForgetSet.concat(batches[:r]) if include_earlier else forget
         res = unlearn(variant.method, current, target, variant.params, seed=seed * 1_000 + r)
         current, after = res.model, accuracy(res.model, *test)
@@ -290,7 +365,20 @@ def summary_table(rows: list[dict]) -> list[dict[str, str]]:
         if any(r.get("relabel_success") is not None for r in rs):
             entry["relabel_success"] = _mean_sd([r["relabel_success"] for r in rs
                                                  if r.get("relabel_success") is not None])
+        if any("mia_efficacy" in r for r in rs):
+            entry["mia"] = _mean_sd([r["mia_efficacy"] for r in rs if "mia_efficacy" in r])
+            entry["membership_auc"] = _mean_sd([r["membership_auc"] for r in rs
+                                                if "membership_auc" in r])
         if any("retrain_seconds" in r for r in rs):
+            entry["retrain_forget_acc"] = _mean_sd([r["retrain_forget_acc"] for r in rs])
+            if any("retrain_mia_efficacy" in r for r in rs):
+                entry["retrain_mia"] = _mean_sd([r["retrain_mia_efficacy"] for r in rs
+                                                 if "retrain_mia_efficacy" in r])
+                entry["retrain_membership_auc"] = _mean_sd(
+                    [r["retrain_membership_auc"] for r in rs if "retrain_membership_auc" in r])
+            gaps = [r["gap_to_retrain"] for r in rs if r.get("gap_to_retrain") is not None]
+            if gaps:
+                entry["gap_to_retrain_pp"] = _mean_sd(gaps)
             entry["retrain_s"] = _mean_sd([r["retrain_seconds"] for r in rs])
             entry["speedup"] = _mean_sd([r["speedup_vs_retrain"] for r in rs])
         table.append(entry)

@@ -78,6 +78,43 @@ def loss_mia_auc(model: nn.Module, members: tuple[torch.Tensor, torch.Tensor],
     return float(roc_auc_score(labels, scores))
 
 
+def membership_auc(model: nn.Module, forget: tuple[torch.Tensor, torch.Tensor],
+                   heldout: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    """Class-matched confidence attack on the forget rows: the AUC of telling them from
+    held-out rows of the same class by the model's confidence in the label (more confident
+    = member), and its z-score against chance.
+
+    Confidence is LiRA's phi = log(p / (1 - p)) (:func:`confidence_logit`): it ranks rows as
+    the loss does, but a memorised row's loss rounds to 0.0 in float32 and ties with every
+    confident held-out row, where phi still tells them apart. Per forget row, the share of
+    same-class held-out rows the model is less sure of (ties count half); the AUC is their
+    mean. Matching classes keeps a batch drawn from one hard class from looking "unseen" just
+    because its class is hard. Rows never trained on are exchangeable with held-out data:
+    each share is uniform, the AUC is 0.5 with standard error sqrt(1 / (12 n)). Far above
+    chance the rows still look like members; far below, deliberately damaged, which reveals
+    the deletion as much.
+    """
+    from .methods.base import confidence_logit
+
+    fx, fy = forget
+    hx, hy = heldout
+    if len(fx) == 0:
+        raise ValueError("no forget rows")
+    fy, hy = fy.long(), hy.long()
+    phi_in = confidence_logit(predict_logits(model, fx), fy)
+    phi_out = confidence_logit(predict_logits(model, hx), hy)
+    shares = []
+    for phi, label in zip(phi_in, fy):
+        pool = phi_out[hy == label]
+        if len(pool) == 0:
+            continue  # a class with no held-out rows cannot be judged
+        shares.append(((pool < phi).float().mean() + 0.5 * (pool == phi).float().mean()).item())
+    if not shares:
+        raise ValueError("no held-out rows of the forget rows' classes")
+    auc = float(np.mean(shares))
+    return auc, (auc - 0.5) / float(np.sqrt(1.0 / (12 * len(shares))))
+
+
 def evaluate_unlearning(
     model: nn.Module,
     parent: nn.Module,

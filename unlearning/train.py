@@ -38,6 +38,15 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Ten
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    """Optimiser steps per epoch of :func:`train_classifier` on ``rows`` rows."""
+    steps = (rows + batch_size - 1) // batch_size
+    if steps > 1 and 0 < rows % batch_size < MIN_TAIL:
+        steps -= 1  # a tail of a few rows joins the last batch: BatchNorm statistics
+        # of 1-2 images are noise (a 2-row tail cost a retrained digits model 5 points)
+    return steps
+
+
 def train_classifier(
     model: nn.Module,
     x: torch.Tensor,
@@ -49,11 +58,8 @@ def train_classifier(
     g = seed_everything(config.seed)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, nesterov=True)
-    steps_per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
-    if steps_per_epoch > 1 and 0 < len(x) % config.batch_size < MIN_TAIL:
-        steps_per_epoch -= 1  # a tail of a few rows joins the last batch: BatchNorm statistics
-        # of 1-2 images are noise (a 2-row tail cost a retrained digits model 5 points)
-    total = config.epochs * steps_per_epoch
+    per_epoch = steps_per_epoch(len(x), config.batch_size)
+    total = config.epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total, 1),
                                                 pct_start=0.15)
     model.train()
@@ -61,8 +67,8 @@ def train_classifier(
     for epoch in range(config.epochs):
         order = torch.randperm(len(x), generator=g)
         running = 0.0
-        for b in range(steps_per_epoch):
-            end = len(x) if b + 1 == steps_per_epoch else (b + 1) * config.batch_size
+        for b in range(per_epoch):
+            end = len(x) if b + 1 == per_epoch else (b + 1) * config.batch_size
             idx = order[b * config.batch_size : end]
             xb = x[idx]
             if config.augment:
@@ -74,7 +80,7 @@ def train_classifier(
             sched.step()
             step += 1
             running += loss.item()
-            if progress and (b + 1 == steps_per_epoch or step % 50 == 0):
+            if progress and (b + 1 == per_epoch or step % 50 == 0):
                 progress(step, total, f"epoch {epoch + 1}/{config.epochs} loss {running / (b + 1):.3f}")
     model.eval()
     return model

@@ -200,3 +200,43 @@ def test_demo_reruns_from_the_console_script_with_the_same_weights(demo):
     first = {v["version"]: v["lineage"]["weights_sha256"] for v in demo["result"]["versions"]}
     second = {v["version"]: v["lineage"]["weights_sha256"] for v in again["versions"]}
     assert second == first
+
+
+def test_as_if_unseen_release_is_gated_by_membership(home, prefect_server, write_params):
+    """A privacy erasure: the rows end up as confident as held-out data, the release carries
+    the class-matched membership AUC and its gate; a later batch keeps them unseen."""
+    assert cli("pretrain", "--epochs", "4")[0] == 0
+    erase = home.home / "erase.csv"
+    erase.write_text("request_id,instance_id,objective,new_label\n"
+                     + "".join(f"p{i},{i},as-if-unseen,\n" for i in range(40, 56)))
+    assert cli("submit", str(erase))[0] == 0
+    rc, result = cli_json("run")
+    assert rc == 0, result
+    (batch,) = result["batches"]
+    assert batch["state"] == "done"
+    checks = {c["name"]: c for c in batch["gates"]["checks"]}
+    assert checks["unseen_membership"]["passed"]
+    metrics = batch["metrics"]
+    assert metrics["unseen_count"] == 16 and metrics["objective_rate"] == 100.0
+    assert abs(metrics["unseen_membership_z"]) <= 3.0
+    assert 0.0 <= metrics["unseen_membership_auc"] <= 1.0
+
+    later = home.home / "later.csv"
+    later.write_text("request_id,instance_id,objective,new_label\nm1,60,misclassify,\n")
+    assert cli("submit", str(later))[0] == 0
+    rc, result = cli_json("run")
+    assert rc == 0, result
+    (batch,) = result["batches"]
+    assert batch["metrics"]["earlier_objective_rate"] == 100.0
+    assert batch["metrics"]["unseen_membership_z"] is None  # no such rows in this batch
+    assert "unseen_membership" not in {c["name"] for c in batch["gates"]["checks"]}
+
+
+def test_as_if_unseen_is_refused_when_the_method_cannot_do_it(home, write_params):
+    write_params(home.home, unlearn={"method": "neggrad"})
+    manifest = home.home / "erase.csv"
+    manifest.write_text("request_id,instance_id,objective,new_label\np1,5,as-if-unseen,\n"
+                        "m1,6,misclassify,\n")
+    rc, _, err = cli("submit", str(manifest))
+    assert rc == 1 and "objective_supported_by_method" in err and "row 1" in err
+    assert "row 2" not in err

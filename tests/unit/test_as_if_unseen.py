@@ -7,7 +7,8 @@ import torch
 
 from unlearning.benchmark import forget_set_for
 from unlearning.methods import ForgetSet, unlearn
-from unlearning.methods.base import confidence_logit, heldout_ceiling
+from unlearning.methods.base import confidence_logit, heldout_ceiling, unseen_levels
+from unlearning.metrics import membership_auc
 from unlearning.train import accuracy, predict_logits
 
 
@@ -72,3 +73,78 @@ def test_l2ul_brings_confidence_down_to_a_strict_ceiling_and_keeps_the_model(dig
     assert res.reached
     drop = accuracy(model, ds.test_x, ds.test_y) - accuracy(res.model, ds.test_x, ds.test_y)
     assert drop <= 3.0, drop
+
+
+@pytest.fixture(scope="module")
+def memorising_digits(digits_model):
+    """A model that fits 300 digits exactly (40 epochs): membership is detectable."""
+    from unlearning.models import build_model, spec_for
+    from unlearning.train import TrainConfig, train_classifier
+
+    _, ds = digits_model
+    torch.manual_seed(0)
+    model = build_model(spec_for("small-cnn", ds))
+    train_classifier(model, ds.train_x[:300], ds.train_y[:300], TrainConfig(epochs=40, seed=0))
+    return model.eval(), ds
+
+
+def test_membership_auc_tells_members_from_unseen_rows(memorising_digits):
+    model, ds = memorising_digits
+    heldout = (ds.test_x, ds.test_y)
+    auc, z = membership_auc(model, (ds.train_x[:32], ds.train_y[:32]), heldout)
+    assert auc > 0.65 and z > 3.0  # the gate would refuse these rows as they are
+    auc, z = membership_auc(model, (ds.train_x[300:364], ds.train_y[300:364]), heldout)
+    assert abs(auc - 0.5) < 0.1 and abs(z) < 3.0  # never trained on: chance
+
+
+def test_as_if_unseen_passes_the_membership_gate_where_misclassify_fails(memorising_digits):
+    model, ds = memorising_digits
+    heldout = (ds.test_x, ds.test_y)
+    x, y = ds.train_x[:32], ds.train_y[:32]
+    unseen = ForgetSet.build(x, y, "as-if-unseen", model=model, heldout=heldout)
+    res = unlearn("l2ul", model, unseen, seed=0)
+    assert res.reached
+    _, z_unseen = membership_auc(res.model, (x, y), heldout)
+    assert abs(z_unseen) <= 3.0
+    res = unlearn("l2ul", model, ForgetSet.build(x, y, "misclassify"), seed=0)
+    _, z_wrong = membership_auc(res.model, (x, y), heldout)
+    assert z_wrong < -3.0  # deliberately wrong rows give the deletion away
+
+
+def test_levels_spread_each_class_evenly_most_typical_row_highest(digits_model):
+    model, ds = digits_model
+    x, y = ds.train_x[:40], ds.train_y[:40]
+    levels = unseen_levels(model, x, y, (ds.test_x, ds.test_y))
+    typical = heldout_ceiling(model, x, y, (ds.test_x, ds.test_y))
+    for c in y.unique():
+        rows = (y == c).nonzero().squeeze(1)
+        n = len(rows)
+        expected = (torch.arange(n, dtype=torch.float) + 0.5) / n
+        assert torch.allclose(levels[rows].sort().values, expected)
+        assert torch.equal(levels[rows].argsort(), typical[rows].argsort(stable=True))
+
+
+def test_ceilings_are_read_from_the_model_being_judged(digits_model):
+    model, ds = digits_model
+    fs = ForgetSet.build(ds.train_x[:6], ds.train_y[:6],
+                         ["as-if-unseen"] * 3 + ["misclassify"] * 3, model=model,
+                         heldout=(ds.test_x, ds.test_y))
+    assert torch.equal(fs.ceilings_for(model), fs.ceiling)
+    assert fs.ceiling[3:].isinf().all() and fs.ceiling[:3].isfinite().all()
+    halved = _Scaled(model, 0.5).eval()  # every logit halved: the class less sure (eval:
+    # predict_logits restores the wrapper's mode, and a training wrapper would leave the
+    # shared model in training mode)
+    assert (fs.ceilings_for(halved)[:3] < fs.ceiling[:3]).all()
+    both = ForgetSet.concat([fs, ForgetSet.build(ds.train_x[6:8], ds.train_y[6:8], "relabel",
+                                                 [int(ds.train_y[6] + 1) % 10,
+                                                  int(ds.train_y[7] + 1) % 10])])
+    assert torch.equal(both.ceilings_for(model)[:6], fs.ceiling) and both.level[6:].isnan().all()
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, factor: float):
+        super().__init__()
+        self.inner, self.factor = inner, factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.factor

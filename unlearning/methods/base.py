@@ -56,6 +56,52 @@ def heldout_ceiling(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return out
 
 
+REFERENCE_PER_CLASS = 100  # held-out rows per class the moving ceilings are read from
+
+
+def heldout_reference(heldout: tuple[torch.Tensor, torch.Tensor],
+                      per_class: int = REFERENCE_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` held-out rows of each class: what as-if-unseen ceilings are
+    read from at every objective check (the whole split would cost a forward pass per step)."""
+    hx, hy = heldout
+    keep = torch.cat([(hy == c).nonzero().squeeze(1)[:per_class] for c in hy.unique()]).sort()
+    return hx[keep.values], hy[keep.values].long()
+
+
+def unseen_levels(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  heldout: tuple[torch.Tensor, torch.Tensor], neighbours: int = 10) -> torch.Tensor:
+    """Per row, the held-out confidence quantile (of its class) it must come down to.
+
+    The n rows of a class get the levels (j + 0.5) / n, j = 0..n-1, in the order of their
+    typicality (:func:`heldout_ceiling`'s neighbour median): the row whose nearest held-out
+    images the model is surest of gets the highest level. Rows at their levels are then
+    distributed like held-out data of their class, the membership gate's null
+    (:func:`unlearning.metrics.membership_auc`). Why not the neighbours' confidence alone:
+    nearest neighbours in pixel space come from the dense, prototypical part of a class,
+    where the model is surest, so a row brought down only to its neighbours' level still
+    looks like a member next to the whole class (memorising digits, 32 rows: class-matched
+    membership AUC 0.66 at the neighbours' 0.25 quantile, 0.73 at their median).
+    """
+    typical = heldout_ceiling(model, x, y, heldout, neighbours=neighbours)
+    levels = torch.empty(len(x))
+    for c in y.unique():
+        rows = (y == c).nonzero().squeeze(1)
+        order = rows[typical[rows].argsort(stable=True)]
+        levels[order] = (torch.arange(len(rows), dtype=torch.float) + 0.5) / len(rows)
+    return levels
+
+
+def ceilings_at(phi_reference: torch.Tensor, y_reference: torch.Tensor, y: torch.Tensor,
+                levels: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``levels`` quantile of the reference confidence of its class."""
+    out = torch.empty(len(y))
+    for c in y.unique():
+        rows = (y == c).nonzero().squeeze(1)
+        pool = phi_reference[y_reference == c]
+        out[rows] = (pool if len(pool) else phi_reference).quantile(levels[rows])
+    return out
+
+
 @dataclass(frozen=True)
 class ForgetSet:
     """Forget instances and, per row, what "forgotten" means.
@@ -72,7 +118,9 @@ class ForgetSet:
     avoid: torch.Tensor
     relabel_to: torch.Tensor
     ids: tuple[int, ...] = ()
-    ceiling: torch.Tensor | None = None
+    ceiling: torch.Tensor | None = None  # as-if-unseen: at deletion time, from the parent
+    level: torch.Tensor | None = None  # as-if-unseen: held-out quantile per row (nan: other)
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None  # held-out rows read at checks
 
     @classmethod
     def build(
@@ -86,13 +134,19 @@ class ForgetSet:
         num_classes: int | None = None,
         ids: list[int] | tuple[int, ...] = (),
         heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
-        unseen_quantile: float = 0.25,
+        unseen_quantile: float | None = None,
     ) -> ForgetSet:
         """``heldout`` (images and labels the model never trained on, e.g. the test split) and
-        ``model`` are needed for as-if-unseen rows: see :func:`heldout_ceiling`. The default
-        quantile was chosen with the LiRA study (docs/privacy.md, memorising digits model):
-        0.25 brought the deleted rows' attack AUC to 0.504 against retrain's 0.492; the
-        neighbours' median (0.5) left 0.582, a class-wide 0.9 left the original's 0.622."""
+        ``model`` (the one the rows are deleted from) are needed for as-if-unseen rows.
+
+        Each such row gets a level (:func:`unseen_levels`) and is satisfied when the model's
+        confidence in its label is at most that quantile of the *same model's* confidence on
+        held-out rows of its class (:meth:`ceilings_for`): unlearning moves the whole class a
+        little, and an attacker compares the rows with held-out data on the released model,
+        not on the parent. ``ceiling`` records the parent's values. ``unseen_quantile``
+        instead fixes each ceiling at that quantile of the parent's confidence on the row's
+        nearest held-out neighbours (:func:`heldout_ceiling`), the first definition, kept for
+        comparison (docs/privacy.md)."""
         k = len(x)
         if k == 0:
             raise ValueError("the forget set is empty")
@@ -122,17 +176,24 @@ class ForgetSet:
                 raise ValueError(f"row {i}: new_label is only allowed for relabel")
             elif o == "as-if-unseen":
                 relabel_to[i] = AS_IF_UNSEEN
-        ceiling = None
+        out = cls(x=x, y=y.long(), avoid=avoid.long(), relabel_to=relabel_to, ids=tuple(ids))
         unseen = relabel_to == AS_IF_UNSEEN
-        if bool(unseen.any()):
-            if model is None or heldout is None:
-                raise ValueError("as-if-unseen needs the original model and held-out data")
+        if not bool(unseen.any()):
+            return out
+        if model is None or heldout is None:
+            raise ValueError("as-if-unseen needs the original model and held-out data")
+        y_unseen = y[unseen].long()
+        if unseen_quantile is not None:
             if not 0.0 < unseen_quantile <= 1.0:
                 raise ValueError("unseen_quantile must be in (0, 1]")
-            per_row = heldout_ceiling(model, x, y.long(), heldout, quantile=unseen_quantile)
-            ceiling = torch.where(unseen, per_row, torch.tensor(float("inf")))
-        return cls(x=x, y=y.long(), avoid=avoid.long(), relabel_to=relabel_to, ids=tuple(ids),
-                   ceiling=ceiling)
+            ceiling = torch.full((k,), float("inf"))
+            ceiling[unseen] = heldout_ceiling(model, x[unseen], y_unseen, heldout,
+                                              quantile=unseen_quantile)
+            return dataclasses.replace(out, ceiling=ceiling)
+        level = torch.full((k,), float("nan"))
+        level[unseen] = unseen_levels(model, x[unseen], y_unseen, heldout)
+        out = dataclasses.replace(out, level=level, reference=heldout_reference(heldout))
+        return dataclasses.replace(out, ceiling=out.ceilings_for(model))
 
     def __len__(self) -> int:
         return len(self.x)
@@ -150,17 +211,31 @@ class ForgetSet:
         """Per row, the label that decides it: the new label (relabel) or ``avoid``."""
         return torch.where(self.is_relabel, self.relabel_to, self.avoid)
 
-    def satisfied(self, logits: torch.Tensor) -> torch.Tensor:
+    def ceilings_for(self, model: nn.Module) -> torch.Tensor | None:
+        """Per row, the confidence ceiling under ``model`` (+inf for rows of the other
+        objectives); None when the set has no as-if-unseen rows. Rank-matched rows read it
+        from ``model``'s confidence on the held-out reference; others keep ``ceiling``."""
+        if self.level is None or self.reference is None:
+            return self.ceiling
+        ref_x, ref_y = self.reference
+        phi = confidence_logit(predict_logits(model, ref_x), ref_y)
+        out = torch.full((len(self),), float("inf"))
+        rows = self.level.isfinite()
+        out[rows] = ceilings_at(phi, ref_y, self.y[rows], self.level[rows])
+        return out
+
+    def satisfied(self, logits: torch.Tensor, ceiling: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row bool: relabel rows predicted as their new label, misclassify rows away from
-        ``avoid``, as-if-unseen rows at or under their ceiling."""
+        ``avoid``, as-if-unseen rows at or under ``ceiling`` (default: ``self.ceiling``)."""
         pred = logits.argmax(1)
         ok = torch.where(self.is_relabel, pred == self.relabel_to, pred != self.avoid)
-        if self.ceiling is not None:
-            ok = torch.where(self.is_unseen, confidence_logit(logits, self.y) <= self.ceiling, ok)
+        ceiling = self.ceiling if ceiling is None else ceiling
+        if ceiling is not None:
+            ok = torch.where(self.is_unseen, confidence_logit(logits, self.y) <= ceiling, ok)
         return ok
 
     def satisfied_by(self, model: nn.Module) -> torch.Tensor:
-        return self.satisfied(predict_logits(model, self.x))
+        return self.satisfied(predict_logits(model, self.x), self.ceilings_for(model))
 
     @staticmethod
     def concat(parts: list[ForgetSet]) -> ForgetSet:
@@ -169,17 +244,23 @@ class ForgetSet:
             raise ValueError("nothing to concatenate")
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])
         ids = tuple(i for p in parts for i in p.ids)
-        ceiling = None
-        if any(p.ceiling is not None for p in parts):
-            ceiling = torch.cat([p.ceiling if p.ceiling is not None
-                                 else torch.full((len(p),), float("inf")) for p in parts])
-        return ForgetSet(cat("x"), cat("y"), cat("avoid"), cat("relabel_to"), ids, ceiling)
+        def cat_or_none(name: str, fill: float) -> torch.Tensor | None:
+            if all(getattr(p, name) is None for p in parts):
+                return None
+            return torch.cat([getattr(p, name) if getattr(p, name) is not None
+                              else torch.full((len(p),), fill) for p in parts])
+
+        # every part's reference is read from the same held-out split: one of them serves all
+        reference = next((p.reference for p in parts if p.reference is not None), None)
+        return ForgetSet(cat("x"), cat("y"), cat("avoid"), cat("relabel_to"), ids,
+                         cat_or_none("ceiling", float("inf")), cat_or_none("level", float("nan")),
+                         reference)
 
     def subset(self, idx: torch.Tensor) -> ForgetSet:
         ids = tuple(self.ids[i] for i in idx.tolist()) if self.ids else ()
-        ceiling = None if self.ceiling is None else self.ceiling[idx]
+        pick = lambda t: None if t is None else t[idx]
         return ForgetSet(self.x[idx], self.y[idx], self.avoid[idx], self.relabel_to[idx], ids,
-                         ceiling)
+                         pick(self.ceiling), pick(self.level), self.reference)
 
 
 @dataclass(frozen=True)
@@ -222,7 +303,8 @@ class Context:
         self.g = generator
         self.progress = progress
         self.steps = 0
-        self.reached = bool(forget.satisfied_by(model).all())
+        self.ceiling = forget.ceilings_for(model)  # as-if-unseen: refreshed at every check
+        self.reached = bool(forget.satisfied(predict_logits(model, forget.x), self.ceiling).all())
         self.info: dict[str, Any] = {}
 
     @property
@@ -235,7 +317,8 @@ class Context:
         loss.backward()
         optimizer.step()
         self.steps += 1
-        ok = self.forget.satisfied_by(self.model)
+        self.ceiling = self.forget.ceilings_for(self.model)
+        ok = self.forget.satisfied(predict_logits(self.model, self.forget.x), self.ceiling)
         self.reached = bool(ok.all())
         if self.progress and (self.reached or self.steps % 10 == 0):
             self.progress(self.steps, self.max_steps,
