@@ -166,3 +166,28 @@ def test_as_if_unseen_rows(checkpoint, tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [r["objective"] for r in rows] == ["as-if-unseen"]
     assert rows[0]["reached"] and rows[0]["test_drop"] <= 3.0
+
+
+def test_retrain_rows_are_exact_and_every_row_has_its_gap_to_retrain(checkpoint, tmp_path,
+                                                                      capsys):
+    """Without a retain sample the bench retrains `retrain` on the whole training split minus
+    the forget set; with --retrain that is the reference itself, so its gap is 0."""
+    out = tmp_path / "rows.json"
+    code, stdout, err = _bench(["--serial", "--checkpoint", str(checkpoint), "--dataset",
+                                "digits", "--methods", "l2ul,retrain", "--k", "8", "--threads",
+                                "1", "--set", "l2ul.max_steps=200", "--epochs", "30",
+                                "--objective", "misclassify,as-if-unseen", "--retrain",
+                                "--json", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    rows = {(r["method"], r["objective"]): r for r in json.loads(out.read_text())}
+    for objective in ("misclassify", "as-if-unseen"):
+        exact = rows[("retrain", objective)]
+        assert exact["gap_to_retrain"] == 0.0
+        assert exact["unlearn_seconds"] == exact["retrain_seconds"]
+        ours = rows[("l2ul", objective)]
+        assert {"retain_acc", "mia_efficacy", "membership_auc"} <= set(ours)
+        assert ours["gap_to_retrain"] > 0.0
+    # misclassify gets the rows wrong where the retrained model still knows them
+    assert rows[("l2ul", "misclassify")]["gap_to_retrain"] > \
+        rows[("l2ul", "as-if-unseen")]["gap_to_retrain"]
+    assert "gap_to_retrain_pp" in stdout
