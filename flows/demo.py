@@ -1,7 +1,7 @@
 """``unlearn demo``: the whole release story on ``digits`` in one command.
 
-pretrain (version 1, champion) -> submit three batches: misclassify (CSV), relabel (JSON
-lines) and an invalid one that validation rejects -> process the pending batches (versions
+pretrain (version 1, champion) -> submit three batches: privacy erasure (as-if-unseen,
+CSV), label fixes (relabel, JSON lines) and an invalid one that validation rejects -> process the pending batches (versions
 2 and 3, each promoted after its gates) -> a rollback to version 1, which the guard refuses.
 
 Re-runnable: the demo starts from a clean state folder. It clears the state it finds only
@@ -63,7 +63,7 @@ def reset_state(paths: Paths) -> None:
 
 def write_manifests(folder: Path, num_train: int, labels: list[int],
                     num_classes: int) -> dict[str, Path]:
-    """Three manifests: misclassify (CSV), relabel (JSONL) and an invalid one (CSV)."""
+    """Three manifests: erasure (as-if-unseen, CSV), relabel (JSONL), an invalid one (CSV)."""
     from unlearning.data import sample_forget_ids
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,8 +78,8 @@ def write_manifests(folder: Path, num_train: int, labels: list[int],
             w.writerows(rows)
         return path
 
-    misclassify = write_csv(folder / "erase.csv", [
-        {"request_id": f"gdpr-{n:03d}", "instance_id": i, "objective": "misclassify",
+    erasure = write_csv(folder / "erase.csv", [
+        {"request_id": f"gdpr-{n:03d}", "instance_id": i, "objective": "as-if-unseen",
          "new_label": ""} for n, i in enumerate(erase, start=1)])
     relabel_path = folder / "fix-labels.jsonl"
     relabel_path.write_text("".join(
@@ -95,7 +95,7 @@ def write_manifests(folder: Path, num_train: int, labels: list[int],
         {"request_id": "bad-003", "instance_id": free, "objective": "relabel",
          "new_label": labels[free]},  # "relabel" to the label it already has
     ])
-    return {"misclassify": misclassify, "relabel": relabel_path, "invalid": invalid}
+    return {"erasure": erasure, "relabel": relabel_path, "invalid": invalid}
 
 
 def run_demo(paths: Paths, cfg: PipelineParams, say: Callable[[str], None]) -> dict[str, Any]:

@@ -287,10 +287,11 @@ def _unseen_note(summary: dict) -> str:
                 f"{gold['forget_auc_two_sided'][0]:.3f}), forget accuracy "
                 f"{e['forget_acc'][0]:.1f}% vs {gold['forget_acc'][0]:.1f}%, test accuracy "
                 f"{e['test_acc'][0]:.1f}% vs {gold['test_acc'][0]:.1f}%: mean absolute gap to "
-                f"retrain {sum(gaps) / len(gaps):.2f} points. Each deleted row ends no more "
-                "confident than the model is on its nearest held-out images of the class "
-                "(`ForgetSet.build(unseen_quantile=0.25)`), so it hides among unseen data "
-                "instead of standing out by being wrong.\n")
+                f"retrain {sum(gaps) / len(gaps):.2f} points. The rows of a class come down to "
+                "evenly spread quantiles of the model's own confidence on held-out images of "
+                "the class, the most typical row to the highest (`ForgetSet.build`, "
+                "`unseen_levels`), so they hide among unseen data instead of standing out by "
+                "being wrong.\n")
     return out
 
 
