@@ -62,8 +62,9 @@ def _load(spec: Spec):
     return _LOADED[key]
 
 
-def run_unit(spec: Spec, unit: Unit) -> list[dict]:
-    """The rows of one unit (plain function: the Prefect task wraps it, serial mode calls it)."""
+def run_unit(spec: Spec, unit: Unit, log: Callable[[dict], None] | None = None) -> list[dict]:
+    """The rows of one unit (plain function: the Prefect task wraps it, serial mode calls it
+    with ``log``, which sees each row as soon as it exists: a continual unit takes minutes)."""
     import torch
 
     from unlearning import benchmark as B
@@ -74,19 +75,23 @@ def run_unit(spec: Spec, unit: Unit) -> list[dict]:
     ds, model, model_spec = _load(spec)
     variants = {v["label"]: B.Variant(v["label"], v["method"], v["params"]) for v in spec["variants"]}
     pairs = [(objective, variants[label]) for objective, label in unit["pairs"]]
+
+    def tagged(row: dict) -> None:
+        row.update(dataset=ds.name, model=model_spec.arch)
+        if log:
+            log(row)
+
     if unit["kind"] == "continual":
         (objective, variant), = pairs
         rows = B.run_continual(ds, model, variant, objective, unit["k"], spec["rounds"],
-                               unit["seed"], bool(spec.get("include_earlier")))
+                               unit["seed"], bool(spec.get("include_earlier")), log=tagged)
     else:
         config = B.BenchConfig(
             variants=tuple(variants.values()), objectives=tuple(spec["objectives"]),
             ks=tuple(spec["ks"]), seeds=tuple(spec["seeds"]), retrain=spec["retrain"],
             retain_fraction=spec["retain_fraction"], train=TrainConfig(**spec["train"]))
         rows = B.run_group(ds, model, lambda: build_model(model_spec), config, unit["k"],
-                           unit["seed"], pairs)
-    for r in rows:
-        r.update(dataset=ds.name, model=model_spec.arch)
+                           unit["seed"], pairs, log=tagged)
     return rows
 
 
@@ -106,10 +111,7 @@ def run_serial(spec: Spec, log: Callable[[dict], None] | None = print_row) -> li
     """Every unit in this process, in order (no Prefect, no Dask)."""
     rows: list[dict] = []
     for unit in plan_units(spec):
-        for row in run_unit(spec, unit):
-            rows.append(row)
-            if log:
-                log(row)
+        rows += run_unit(spec, unit, log)
     return rows
 
 
