@@ -103,6 +103,22 @@ def test_new_label_must_differ_from_current(tmp_path, digits, ctx):
     assert report["failures"][0]["values"] == [same]
 
 
+def test_objective_must_be_one_the_configured_method_supports(tmp_path, digits, ctx):
+    import dataclasses
+
+    body = HEADER + "r1,1,misclassify,\nr2,2,as-if-unseen,\nr3,3,as-if-unseen,\n"
+    path = manifest(tmp_path, body)
+    assert validate_manifest(read_manifest(path), ctx, images(digits))["success"]
+    narrow = dataclasses.replace(ctx, supported_objectives=("misclassify", "relabel"))
+    report = validate_manifest(read_manifest(path), narrow, images(digits))
+    assert [(f["rule"], f["rows"]) for f in report["failures"]] == [
+        ("objective_supported_by_method", [2, 3])]
+    # an unknown objective is named once, by objective_allowed
+    report = validate_manifest(read_manifest(manifest(tmp_path, HEADER + "r1,1,forget-me,\n")),
+                               narrow, images(digits))
+    assert [f["rule"] for f in report["failures"]] == ["objective_allowed"]
+
+
 @pytest.mark.parametrize("header", ["request_id,instance_id,objective\n",
                                     "request_id,instance_id,objective,new_label,extra\n"])
 def test_columns_must_match(header, tmp_path, digits, ctx):
