@@ -171,8 +171,7 @@ def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any]
     metrics.json beside the candidate)."""
     import torch
 
-    from unlearning.metrics import (evaluate_unlearning, loss_mia_auc, membership_auc,
-                                    mia_efficacy)
+    from unlearning.metrics import evaluate_unlearning, loss_mia_auc, membership_auc, mia_efficacy
     from unlearning.models import load_checkpoint
 
     data = dataset_of(cfg)

@@ -103,7 +103,7 @@ def salun(model, forget: ForgetSet, cfg: SalUnConfig, retain: RetainSample | Non
     while not ctx.done:
         idx = next(forget_batches)
         x, y = forget.x[idx], targets[idx]
-        if retain_batches is not None:
+        if retain is not None and retain_batches is not None:
             ridx = next(retain_batches)
             x, y = torch.cat([x, retain.x[ridx]]), torch.cat([y, retain.y[ridx].long()])
         model.train(cfg.train_mode and len(x) > 1)
