@@ -1,8 +1,9 @@
 """``unlearn demo``: the whole release story on ``digits`` in one command.
 
 pretrain (version 1, champion) -> submit three batches: privacy erasure (as-if-unseen,
-CSV), label fixes (relabel, JSON lines) and an invalid one that validation rejects -> process the pending batches (versions
-2 and 3, each promoted after its gates) -> a rollback to version 1, which the guard refuses.
+CSV), label fixes (relabel, JSON lines) and an invalid one that validation rejects ->
+process the pending batches (versions 2 and 3, each promoted after its gates) -> a rollback
+to version 1, which the guard refuses.
 
 Re-runnable: the demo starts from a clean state folder. It clears the state it finds only
 if an earlier demo created it (marker ``artifacts/.demo``) or there is none; it refuses to

@@ -257,7 +257,8 @@ def _forget_html(r) -> str:
     rows = []
     for f in r.forget:
         goal = (f"relabel to {_e(names[f['new_label']])}" if f["objective"] == "relabel"
-                else _e(f["objective"]))
+                else f"as-if-unseen (label confidence &le; {_pct(f['ceiling_conf'])})"
+                if f.get("ceiling_conf") is not None else _e(f["objective"]))
         met = f'<span class="badge {"pass" if f["objective_met"] else "fail"}">' \
               f'{"met" if f["objective_met"] else "not met"}</span>'
         rows.append(

@@ -105,6 +105,10 @@ def forget_rows(parent, model, forget, requests: list[dict[str, Any]]) -> list[d
             "after_pred": int(pred[i]), "after_conf": float(probs[i, pred[i]]),
             "after_label_conf": float(probs[i, label]),
             "objective_met": bool(ok[i]),
+            # as-if-unseen: the most confidence in its label the row may keep
+            "ceiling_conf": (float(forget.ceiling[i].sigmoid())
+                             if forget.ceiling is not None and bool(forget.is_unseen[i])
+                             else None),
             "image": forget.x[i].numpy(),
         })
     return rows

@@ -139,3 +139,19 @@ def test_ceilings_are_held_out_quantiles_fixed_at_deletion_time(digits_model):
                             [int(ds.train_y[6] + 1) % 10, int(ds.train_y[7] + 1) % 10])
     both = ForgetSet.concat([fs, other])
     assert torch.equal(both.ceiling[:6], fs.ceiling) and both.ceiling[6:].isinf().all()
+
+
+def test_report_rows_show_the_confidence_each_unseen_row_may_keep(digits_model):
+    from tasks.report import forget_rows
+
+    model, ds = digits_model
+    fs = ForgetSet.build(ds.train_x[:4], ds.train_y[:4], ["as-if-unseen"] * 2 + ["misclassify"] * 2,
+                         model=model, heldout=(ds.test_x, ds.test_y))
+    requests = [{"request_id": f"r{i}", "instance_id": i, "objective": o, "new_label": None}
+                for i, o in enumerate(["as-if-unseen"] * 2 + ["misclassify"] * 2)]
+    rows = forget_rows(model, model, fs, requests)
+    for row, phi in zip(rows[:2], fs.ceiling[:2]):
+        assert row["ceiling_conf"] == pytest.approx(float(torch.sigmoid(phi)))
+        # met exactly when the label confidence is within the ceiling
+        assert row["objective_met"] == (row["after_label_conf"] <= row["ceiling_conf"] + 1e-6)
+    assert [r["ceiling_conf"] for r in rows[2:]] == [None, None]
