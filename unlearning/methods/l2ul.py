@@ -72,19 +72,23 @@ class L2ULConfig:
     max_steps: int = 800
 
 
-def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float) -> torch.Tensor:
+def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float,
+                ceiling: torch.Tensor | None = None) -> torch.Tensor:
     """Hinge on the logit margin; zero for rows already ``margin`` past their boundary.
 
     Misclassify rows:   relu(z_avoid - max_{j != avoid} z_j + margin).
     Relabel rows:       relu(max_{j != new} z_j - z_new + margin).
-    As-if-unseen rows:  relu(phi_y - ceiling + margin), phi = log(p_y / (1 - p_y)).
+    As-if-unseen rows:  relu(phi_y - ceiling + margin), phi = log(p_y / (1 - p_y)), with
+                        ``ceiling`` the current targets (``Context.ceiling``; default the
+                        parent's, ``forget.ceiling``).
     """
+    ceiling = forget.ceiling if ceiling is None else ceiling
     key = forget.key_label
     z_key = logits.gather(1, key[:, None]).squeeze(1)
     others = logits.scatter(1, key[:, None], float("-inf")).max(1).values
     gap = torch.where(forget.is_relabel, others - z_key, z_key - others)
-    if forget.ceiling is not None:
-        excess = confidence_logit(logits, forget.y) - forget.ceiling
+    if ceiling is not None:
+        excess = confidence_logit(logits, forget.y) - ceiling
         gap = torch.where(forget.is_unseen, excess, gap)
     return F.relu(gap + margin).mean()
 
@@ -174,7 +178,7 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
     while not ctx.done:
         model.train(not cfg.freeze_bn)
         logits = model(forget.x)
-        loss = margin_loss(logits, forget, cfg.margin) if cfg.forget_loss == "margin" \
+        loss = margin_loss(logits, forget, cfg.margin, ctx.ceiling) if cfg.forget_loss == "margin" \
             else directional_ce(logits, forget)
         if n_anchor:
             idx = torch.arange(cursor, cursor + min(cfg.anchor_batch, n_anchor)) % n_anchor
