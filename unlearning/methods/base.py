@@ -110,6 +110,18 @@ def unseen_levels(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 PERCENTILES = torch.arange(1, 100, dtype=torch.float) / 100  # held-out ranks are read on these
+# A batch of n as-if-unseen rows holds while its mean held-out rank is within this many
+# standard errors (sqrt(1 / (12 n)), the spread of n never-seen rows) above its mean level.
+# At 0 half of all genuinely unseen batches would need pushing under held-out data, which
+# drags the class's held-out confidence down with them (Fashion-MNIST, 10 rounds of 32:
+# 5.1 pp lost); the release gate allows 3 (gates.max_membership_z).
+UNSEEN_TOLERANCE_Z = 1.0
+
+
+def unseen_holds(rank: torch.Tensor, level: torch.Tensor) -> bool:
+    """One batch's as-if-unseen rule: mean rank <= mean level + z * sqrt(1 / (12 n))."""
+    slack = UNSEEN_TOLERANCE_Z * (1.0 / (12 * len(rank))) ** 0.5
+    return bool(rank.mean() <= level.mean() + slack)
 REFERENCE_PER_CLASS = 100  # held-out rows per class a model's own ranks are read from
 
 
@@ -272,9 +284,9 @@ class ForgetSet:
     def satisfied(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-row bool: relabel rows predicted as their new label, misclassify rows away from
         ``avoid``; as-if-unseen rows hold together, per deletion batch, when they sit on
-        average no higher in their class's held-out confidence than their levels: mean
-        held-out rank <= mean level (0.5), the class-matched membership AUC of the release
-        gate (:func:`unlearning.metrics.membership_auc`). From logits alone the ranks are read
+        average no higher in their class's held-out confidence than their levels, within
+        ``UNSEEN_TOLERANCE_Z`` standard errors (:func:`unseen_holds`): the class-matched
+        membership AUC of the release gate (:func:`unlearning.metrics.membership_auc`). From logits alone the ranks are read
         against the parent's held-out confidence (``heldout_cdf``); :meth:`satisfied_by`
         confirms a batch that holds against the judged model's own (unlearning makes the
         whole class a little less sure, and an attacker compares on the released model).
@@ -299,7 +311,7 @@ class ForgetSet:
         batch = self.batch if self.batch is not None else torch.zeros(len(self), dtype=torch.long)
         for b in batch[unseen].unique():
             rows = unseen & (batch == b)
-            ok[rows] = bool(rank[rows].mean() <= self.level[rows].mean())
+            ok[rows] = unseen_holds(rank[rows], self.level[rows])
         return ok
 
     def ceilings_for(self, model: nn.Module) -> torch.Tensor | None:
@@ -329,7 +341,7 @@ class ForgetSet:
         batch = self.batch if self.batch is not None else torch.zeros(len(self), dtype=torch.long)
         for b in batch[held].unique():
             rows = held & (batch == b)
-            ok[rows] = bool(rank[rows].mean() <= self.level[rows].mean())
+            ok[rows] = unseen_holds(rank[rows], self.level[rows])
         return ok
 
     @staticmethod
