@@ -17,12 +17,16 @@ from .train import accuracy, predict_logits
 
 
 def true_class_prob(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Softmax probability of the true class; 0 where the model's output is not finite (a
+    diverged model, e.g. gradient ascent: it is sure of nothing, and the attacks still run)."""
     probs = F.softmax(predict_logits(model, x), 1)
-    return probs.gather(1, y[:, None]).squeeze(1).numpy()
+    return torch.nan_to_num(probs.gather(1, y[:, None]).squeeze(1), nan=0.0).numpy()
 
 
 def per_example_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    return F.cross_entropy(predict_logits(model, x), y, reduction="none").numpy()
+    """Cross-entropy per row; 1e6 where it is not finite (a diverged model)."""
+    loss = F.cross_entropy(predict_logits(model, x), y, reduction="none")
+    return torch.nan_to_num(loss, nan=1e6, posinf=1e6).numpy()
 
 
 def objective_rate(model: nn.Module, forget: ForgetSet) -> float:
@@ -101,8 +105,9 @@ def membership_auc(model: nn.Module, forget: tuple[torch.Tensor, torch.Tensor],
     if len(fx) == 0:
         raise ValueError("no forget rows")
     fy, hy = fy.long(), hy.long()
-    phi_in = confidence_logit(predict_logits(model, fx), fy)
-    phi_out = confidence_logit(predict_logits(model, hx), hy)
+    # a diverged model (NaN outputs) is sure of nothing: the lowest confidence
+    phi_in = torch.nan_to_num(confidence_logit(predict_logits(model, fx), fy), nan=-torch.inf)
+    phi_out = torch.nan_to_num(confidence_logit(predict_logits(model, hx), hy), nan=-torch.inf)
     shares = []
     for phi, label in zip(phi_in, fy):
         pool = phi_out[hy == label]

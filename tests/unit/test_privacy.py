@@ -144,3 +144,21 @@ def test_lira_beats_chance_and_the_loss_attack_on_a_memorising_digits_model() ->
     # negative control: the same scores against a membership the target never had
     fake = np.random.default_rng(0).permutation(members)
     assert abs(P.attack_auc(s[fake], s[~fake]) - 0.5) < 0.05
+
+
+def test_membership_metrics_survive_a_diverged_model() -> None:
+    """Gradient ascent can leave NaN weights; the benchmark and the release evaluation still
+    measure it (the finite-weights gate rejects it), instead of crashing in the SVC."""
+    from unlearning.metrics import loss_mia_auc, membership_auc, mia_efficacy
+
+    class Diverged(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((len(x), 3), float("nan"))
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 1, 4, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    model = Diverged()
+    assert 0.0 <= mia_efficacy(model, (x[:20], y[:20]), (x[20:], y[20:]), (x[:5], y[:5])) <= 100.0
+    assert 0.0 <= loss_mia_auc(model, (x[:20], y[:20]), (x[20:], y[20:])) <= 1.0
+    auc, z = membership_auc(model, (x[:10], y[:10]), (x[20:], y[20:]))
+    assert auc == 0.5 and z == 0.0  # every row ties: nothing tells them apart
