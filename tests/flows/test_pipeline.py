@@ -136,14 +136,20 @@ def test_submit_accepts_rejects_and_leaves_no_trace_of_bad_input(home):
     assert [b["state"] for b in requests["batches"]] == ["pending", "rejected"]
 
 
+def submit_and_run(home: Paths, objective: str, ids: range) -> tuple[int, dict]:
+    """Submit one batch of ``ids`` with ``objective`` (request ids ``<objective>-<id>``),
+    then ``unlearn run --json``."""
+    manifest = home.home / f"{objective}-{ids[0]}.csv"
+    manifest.write_text("request_id,instance_id,objective,new_label\n"
+                        + "".join(f"{objective}-{i},{i},{objective},\n" for i in ids))
+    assert cli("submit", str(manifest))[0] == 0
+    return cli_json("run")
+
+
 def test_gate_failure_keeps_the_candidate_for_audit(home, prefect_server, write_params):
     write_params(home.home, unlearn={"params": {"max_steps": 1}})
     assert cli("pretrain", "--epochs", "4")[0] == 0
-    manifest = home.home / "relabel.csv"
-    manifest.write_text("request_id,instance_id,objective,new_label\n"
-                        + "".join(f"r{i},{i},misclassify,\n" for i in range(10, 16)))
-    assert cli("submit", str(manifest))[0] == 0
-    rc, result = cli_json("run")
+    rc, result = submit_and_run(home, "misclassify", range(10, 16))
     assert rc == 1 and result["status"] == "ok"
     (batch,) = result["batches"]
     assert batch["state"] == "rejected" and batch["reason"].startswith("gates: ")
@@ -206,11 +212,7 @@ def test_as_if_unseen_release_is_gated_by_membership(home, prefect_server, write
     """A privacy erasure: the rows end up as confident as held-out data, the release carries
     the class-matched membership AUC and its gate; a later batch keeps them unseen."""
     assert cli("pretrain", "--epochs", "4")[0] == 0
-    erase = home.home / "erase.csv"
-    erase.write_text("request_id,instance_id,objective,new_label\n"
-                     + "".join(f"p{i},{i},as-if-unseen,\n" for i in range(40, 56)))
-    assert cli("submit", str(erase))[0] == 0
-    rc, result = cli_json("run")
+    rc, result = submit_and_run(home, "as-if-unseen", range(40, 56))
     assert rc == 0, result
     (batch,) = result["batches"]
     assert batch["state"] == "done"
@@ -221,10 +223,7 @@ def test_as_if_unseen_release_is_gated_by_membership(home, prefect_server, write
     assert abs(metrics["unseen_membership_z"]) <= 3.0
     assert 0.0 <= metrics["unseen_membership_auc"] <= 1.0
 
-    later = home.home / "later.csv"
-    later.write_text("request_id,instance_id,objective,new_label\nm1,60,misclassify,\n")
-    assert cli("submit", str(later))[0] == 0
-    rc, result = cli_json("run")
+    rc, result = submit_and_run(home, "misclassify", range(60, 61))
     assert rc == 0, result
     (batch,) = result["batches"]
     assert batch["metrics"]["earlier_objective_rate"] == 100.0
