@@ -98,7 +98,7 @@ def membership_auc(model: nn.Module, forget: tuple[torch.Tensor, torch.Tensor],
     chance the rows still look like members; far below, deliberately damaged, which reveals
     the deletion as much.
     """
-    from .methods.base import confidence_logit
+    from .methods.base import class_ranks, confidence_logit
 
     fx, fy = forget
     hx, hy = heldout
@@ -108,16 +108,11 @@ def membership_auc(model: nn.Module, forget: tuple[torch.Tensor, torch.Tensor],
     # a diverged model (NaN outputs) is sure of nothing: the lowest confidence
     phi_in = torch.nan_to_num(confidence_logit(predict_logits(model, fx), fy), nan=-torch.inf)
     phi_out = torch.nan_to_num(confidence_logit(predict_logits(model, hx), hy), nan=-torch.inf)
-    shares = []
-    for phi, label in zip(phi_in, fy):
-        pool = phi_out[hy == label]
-        if len(pool) == 0:
-            continue  # a class with no held-out rows cannot be judged
-        shares.append(((pool < phi).float().mean() + 0.5 * (pool == phi).float().mean()).item())
-    if not shares:
+    judged = torch.isin(fy, hy)  # a class with no held-out rows cannot be judged
+    if not bool(judged.any()):
         raise ValueError("no held-out rows of the forget rows' classes")
-    auc = float(np.mean(shares))
-    return auc, (auc - 0.5) / float(np.sqrt(1.0 / (12 * len(shares))))
+    auc = float(class_ranks(phi_in[judged], fy[judged], phi_out, hy).mean())
+    return auc, (auc - 0.5) / float(np.sqrt(1.0 / (12 * int(judged.sum()))))
 
 
 def evaluate_unlearning(

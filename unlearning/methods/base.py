@@ -122,6 +122,8 @@ def unseen_holds(rank: torch.Tensor, level: torch.Tensor) -> bool:
     """One batch's as-if-unseen rule: mean rank <= mean level + z * sqrt(1 / (12 n))."""
     slack = UNSEEN_TOLERANCE_Z * (1.0 / (12 * len(rank))) ** 0.5
     return bool(rank.mean() <= level.mean() + slack)
+
+
 REFERENCE_PER_CLASS = 100  # held-out rows per class a model's own ranks are read from
 
 
@@ -287,10 +289,11 @@ class ForgetSet:
         ``avoid``; as-if-unseen rows hold together, per deletion batch, when they sit on
         average no higher in their class's held-out confidence than their levels, within
         ``UNSEEN_TOLERANCE_Z`` standard errors (:func:`unseen_holds`): the class-matched
-        membership AUC of the release gate (:func:`unlearning.metrics.membership_auc`). From logits alone the ranks are read
-        against the parent's held-out confidence (``heldout_cdf``); :meth:`satisfied_by`
-        confirms a batch that holds against the judged model's own (unlearning makes the
-        whole class a little less sure, and an attacker compares on the released model).
+        membership AUC of the release gate (:func:`unlearning.metrics.membership_auc`).
+        From logits alone the ranks are read against the parent's held-out confidence
+        (``heldout_cdf``); :meth:`satisfied_by` confirms a batch that holds against the
+        judged model's own (unlearning makes the whole class a little less sure, and an
+        attacker compares on the released model).
 
         Why together: a level predicts where a model that never saw the row would put it,
         and a prediction is off both ways. A retrained model leaves about half the rows over
