@@ -74,3 +74,19 @@ def test_retain_sample_only_for_methods_that_use_one(digits_model):
     with pytest.raises(ValueError, match="does not use a retain sample"):
         unlearn("neggrad", model, forget, {"max_steps": 1}, retain=retain)
     assert unlearn("l2ul", model, forget, {"max_steps": 1}, retain=retain).steps <= 1
+
+
+def test_l2ul_warmup_shrinks_the_first_step_and_refuses_negative_lengths(digits_model):
+    """One step with a 20-step warm-up moves the weights about 1/20 as far as one without."""
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 8, seed=0)
+    base = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def moved(warmup: int) -> float:
+        res = unlearn("l2ul", model, forget, {"max_steps": 1, "synthesis_steps": 5,
+                                              "warmup_steps": warmup}, seed=0)
+        return float((torch.cat([p.detach().flatten() for p in res.model.parameters()]) - base).norm())
+
+    assert moved(20) < 0.2 * moved(0)
+    with pytest.raises(ValueError, match="invalid l2ul config"):
+        unlearn("l2ul", model, forget, {"warmup_steps": -1}, seed=0)

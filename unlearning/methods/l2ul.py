@@ -65,6 +65,7 @@ class L2ULConfig:
     freeze_bn: bool = True
     optimizer: str = "adam"  # "adam" | "sgd" (reference: SGD lr 1e-3, momentum 0.9)
     lr: float = 3e-4
+    warmup_steps: int = 0  # linear learning-rate warm-up; 0 = off (see the comment in the loop)
     reg_lambda: float = 1.0
     use_importance: bool = True
     retain_weight: float = 1.0
@@ -130,7 +131,7 @@ def mixup_pairs(x: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
           "frozen BatchNorm, inverted MAS importance", accepts_retain=True, objectives=OBJECTIVES)
 def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> None:
     if cfg.forget_loss not in ("margin", "neg-ce") or cfg.anchor_loss not in ("kl", "ce") \
-            or cfg.optimizer not in ("adam", "sgd"):
+            or cfg.optimizer not in ("adam", "sgd") or cfg.warmup_steps < 0:
         raise ValueError(f"invalid l2ul config: {cfg}")
     if cfg.forget_loss == "neg-ce" and bool(forget.is_unseen.any()):
         raise ValueError("forget_loss='neg-ce' has no as-if-unseen form; use 'margin'")
@@ -171,6 +172,10 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    # Adam's first steps move every weight by about lr before the anchors (distillation
+    # toward the unchanged model: zero gradient at step 0) push back; a warm-up shrinks them.
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0)
     n_anchor = len(x_anchor)
     cursor = retain_cursor = 0
     weight = cfg.anchor_weight
@@ -195,5 +200,6 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
         if weights:
             loss = loss + cfg.reg_lambda * anchor_penalty(model, anchor_params, weights)
         ctx.step(opt, loss)
+        warmup.step()
         weight *= cfg.anchor_decay
         retain_weight *= cfg.retain_decay
