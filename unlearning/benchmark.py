@@ -18,7 +18,7 @@ import torch
 from .attacks import random_other_labels
 from .data import ImageDataset, sample_forget_ids, sample_retain_ids
 from .methods import ForgetSet, RetainSample, UnlearnResult, get_method, make_config, unlearn
-from .methods.retrain import retrain_reference, training_data_without
+from .methods.retrain import retrain_reference
 from .metrics import membership_auc, mia_efficacy, objective_rate, relabel_success
 from .train import TrainConfig, accuracy, steps_per_epoch, train_classifier
 
@@ -105,7 +105,7 @@ def exact_retrain(ds: ImageDataset, model_factory: Callable[[], torch.nn.Module]
     whole training split minus the forget rows (relabel rows with their new label), with the
     pre-training recipe. ``reuse``: the (model, seconds) of a retrain of the same rows
     already measured (``--retrain``, non-relabel objectives): the same weights."""
-    rows = len(training_data_without(ds.train_x, ds.train_y, forget)[0])
+    rows = ds.num_train - int((~forget.is_relabel).sum())  # relabel rows stay, relabelled
     model, seconds = reuse if reuse is not None else retrain_reference(
         model_factory, ds.train_x, ds.train_y, forget, config)
     ok = forget.satisfied_by(model)

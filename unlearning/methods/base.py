@@ -311,11 +311,16 @@ class ForgetSet:
         if self.heldout_cdf is None or self.level is None:
             return torch.where(unseen, phi <= self.ceiling, ok)
         below = (self.heldout_cdf < phi[:, None]).float() + 0.5 * (self.heldout_cdf == phi[:, None]).float()
-        rank = below.mean(1)
+        return self._judge_batches(ok, unseen, below.mean(1))
+
+    def _judge_batches(self, ok: torch.Tensor, rows: torch.Tensor,
+                       rank: torch.Tensor) -> torch.Tensor:
+        """``ok`` with each deletion batch's ``rows`` set together by :func:`unseen_holds`."""
+        assert self.level is not None  # only rank-matched sets are judged by batch
         batch = self.batch if self.batch is not None else torch.zeros(len(self), dtype=torch.long)
-        for b in batch[unseen].unique():
-            rows = unseen & (batch == b)
-            ok[rows] = unseen_holds(rank[rows], self.level[rows])
+        for b in batch[rows].unique():
+            part = rows & (batch == b)
+            ok[part] = unseen_holds(rank[part], self.level[part])
         return ok
 
     def ceilings_for(self, model: nn.Module) -> torch.Tensor | None:
@@ -332,21 +337,18 @@ class ForgetSet:
         return out
 
     def satisfied_by(self, model: nn.Module) -> torch.Tensor:
-        ok = self.satisfied(predict_logits(model, self.x))
+        logits = predict_logits(model, self.x)
+        ok = self.satisfied(logits)
         held = self.is_unseen & ok
         if self.reference is None or self.level is None or not bool(held.any()):
             return ok
         # the expensive confirmation, only for batches that hold against the parent
         ref_x, ref_y = self.reference
         phi_ref = confidence_logit(predict_logits(model, ref_x), ref_y)
-        phi = confidence_logit(predict_logits(model, self.x[held]), self.y[held])
+        phi = confidence_logit(logits[held], self.y[held])
         rank = torch.zeros(len(self))
         rank[held] = class_ranks(phi, self.y[held], phi_ref, ref_y)
-        batch = self.batch if self.batch is not None else torch.zeros(len(self), dtype=torch.long)
-        for b in batch[held].unique():
-            rows = held & (batch == b)
-            ok[rows] = unseen_holds(rank[rows], self.level[rows])
-        return ok
+        return self._judge_batches(ok, held, rank)
 
     @staticmethod
     def concat(parts: list[ForgetSet]) -> ForgetSet:
