@@ -7,6 +7,7 @@ import torch
 
 from unlearning.benchmark import forget_set_for, variants_for
 from unlearning.methods import ForgetSet, RetainSample, list_methods, make_config, unlearn
+from unlearning.methods.l2ul import stalled
 from unlearning.models import weights_sha256
 
 
@@ -90,3 +91,22 @@ def test_l2ul_warmup_shrinks_the_first_step_and_refuses_negative_lengths(digits_
     assert moved(20) < 0.2 * moved(0)
     with pytest.raises(ValueError, match="invalid l2ul config"):
         unlearn("l2ul", model, forget, {"warmup_steps": -1}, seed=0)
+
+
+def test_anchors_relax_only_when_the_forget_loss_stalls():
+    assert stalled([5.0, 4.0], patience=0, progress=0.05)  # 0: relax every step
+    assert stalled([5.0, 4.0], patience=3, progress=0.05)  # too few steps to judge: relax
+    assert not stalled([5.0, 4.0, 3.0, 2.0], patience=3, progress=0.05)  # falling fast: hold
+    assert stalled([5.0, 4.9, 4.9, 4.9], patience=3, progress=0.05)  # fell by 2%: relax
+    assert stalled([0.0, 0.0, 0.0, 0.0], patience=3, progress=0.05)  # stuck at 0: relax
+    assert stalled([-5.0, -5.1, -5.1, -5.1], patience=3, progress=0.05)  # -CE: sign-safe
+    assert not stalled([-5.0, -6.0, -7.0, -8.0], patience=3, progress=0.05)
+
+
+@pytest.mark.parametrize("bad", [{"relax_patience": -1}, {"relax_progress": 1.0},
+                                 {"relax_progress": -0.1}])
+def test_l2ul_refuses_invalid_relaxation(digits_model, bad):
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 4, seed=0)
+    with pytest.raises(ValueError, match="invalid l2ul config"):
+        unlearn("l2ul", model, forget, bad, seed=0)

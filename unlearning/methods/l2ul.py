@@ -20,9 +20,13 @@ Each change is a switch, so ``unlearn bench --ablation`` can turn it off alone:
 4. ``anchor_decay``: the forget-derived anchors are strong at first (``anchor_weight``) and
    relax geometrically, so instances they block are eventually freed and the objective is
    reached (a release that misses it fails its gate) with no more collateral than needed.
+   They relax only on steps where the forget loss has stalled (it fell by less than
+   ``relax_progress`` over the last ``relax_patience`` steps): while the objective is still
+   being won under the current anchors, loosening them only buys collateral.
 5. ``freeze_bn``: BatchNorm keeps the pre-trained running statistics during the update;
    batches of a few forget images are not the data distribution.
-6. ``optimizer="adam"``, few PGD steps with a large step size (the reference: 100 of 0.1).
+6. ``optimizer="adam"`` with a short learning-rate warm-up (``warmup_steps``), few PGD steps
+   with a large step size (the reference: 100 of 0.1).
 7. Importance: inverted MAS as in the paper (``use_importance``, ``reg_lambda``).
 
 An optional retain sample (``RetainSample``, at most 1% of the training set) is distilled
@@ -65,7 +69,9 @@ class L2ULConfig:
     freeze_bn: bool = True
     optimizer: str = "adam"  # "adam" | "sgd" (reference: SGD lr 1e-3, momentum 0.9)
     lr: float = 3e-4
-    warmup_steps: int = 0  # linear learning-rate warm-up; 0 = off (see the comment in the loop)
+    warmup_steps: int = 20  # linear learning-rate warm-up; 0 = off (see the comment in the loop)
+    relax_patience: int = 10  # anchors relax only when the forget loss stalls; 0 = every step
+    relax_progress: float = 0.05  # share the forget loss must fall over relax_patience steps
     reg_lambda: float = 1.0
     use_importance: bool = True
     retain_weight: float = 1.0
@@ -101,6 +107,16 @@ def distill(logits: torch.Tensor, teacher_probs: torch.Tensor,
     return kl.mean() if weight is None else (kl * weight).mean()
 
 
+def stalled(losses: list[float], patience: int, progress: float) -> bool:
+    """True when the last loss is not below the one ``patience`` steps earlier by ``progress``
+    of its size (a loss stuck at 0 has stalled too); always True for ``patience`` 0 and while
+    fewer than ``patience`` steps are done."""
+    if patience == 0 or len(losses) <= patience:
+        return True
+    then = losses[-1 - patience]
+    return losses[-1] >= then - progress * abs(then)
+
+
 def shifted_copies(x: torch.Tensor, copies: int, max_shift: int, g: torch.Generator) -> torch.Tensor:
     """``copies`` translations of every image by a random non-zero offset of <= max_shift px."""
     if copies <= 0 or max_shift <= 0:
@@ -131,7 +147,8 @@ def mixup_pairs(x: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
           "frozen BatchNorm, inverted MAS importance", accepts_retain=True, objectives=OBJECTIVES)
 def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> None:
     if cfg.forget_loss not in ("margin", "neg-ce") or cfg.anchor_loss not in ("kl", "ce") \
-            or cfg.optimizer not in ("adam", "sgd") or cfg.warmup_steps < 0:
+            or cfg.optimizer not in ("adam", "sgd") or cfg.warmup_steps < 0 \
+            or cfg.relax_patience < 0 or not 0 <= cfg.relax_progress < 1:
         raise ValueError(f"invalid l2ul config: {cfg}")
     if cfg.forget_loss == "neg-ce" and bool(forget.is_unseen.any()):
         raise ValueError("forget_loss='neg-ce' has no as-if-unseen form; use 'margin'")
@@ -180,11 +197,13 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
     cursor = retain_cursor = 0
     weight = cfg.anchor_weight
     retain_weight = cfg.anchor_weight * cfg.retain_weight
+    forget_losses: list[float] = []
     while not ctx.done:
         model.train(not cfg.freeze_bn)
         logits = model(forget.x)
         loss = margin_loss(logits, forget, cfg.margin, ctx.ceiling) if cfg.forget_loss == "margin" \
             else directional_ce(logits, forget)
+        forget_losses.append(loss.item())
         if n_anchor:
             idx = torch.arange(cursor, cursor + min(cfg.anchor_batch, n_anchor)) % n_anchor
             cursor = (cursor + len(idx)) % n_anchor
@@ -201,5 +220,6 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
             loss = loss + cfg.reg_lambda * anchor_penalty(model, anchor_params, weights)
         ctx.step(opt, loss)
         warmup.step()
-        weight *= cfg.anchor_decay
-        retain_weight *= cfg.retain_decay
+        if stalled(forget_losses, cfg.relax_patience, cfg.relax_progress):
+            weight *= cfg.anchor_decay
+            retain_weight *= cfg.retain_decay
