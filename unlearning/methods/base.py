@@ -323,28 +323,43 @@ class ForgetSet:
             ok[part] = unseen_holds(rank[part], self.level[part])
         return ok
 
-    def ceilings_for(self, model: nn.Module) -> torch.Tensor | None:
+    def reference_confidence(self, model: nn.Module) -> torch.Tensor | None:
+        """``model``'s confidence logit on the held-out reference rows (None without one)."""
+        if self.reference is None or self.level is None:
+            return None
+        return self._reference_phi(model)
+
+    def _reference_phi(self, model: nn.Module) -> torch.Tensor:
+        assert self.reference is not None
+        ref_x, ref_y = self.reference
+        return confidence_logit(predict_logits(model, ref_x), ref_y)
+
+    def ceilings_for(self, model: nn.Module,
+                     phi_ref: torch.Tensor | None = None) -> torch.Tensor | None:
         """Per row, the confidence the row's level stands for under ``model`` (its held-out
-        reference re-read): where unlearning must take an as-if-unseen row now. +inf for
-        other rows; ``ceiling`` (the parent's) when the set has no reference."""
+        reference re-read, or ``phi_ref`` when the caller has it): where unlearning must take
+        an as-if-unseen row now. +inf for other rows; ``ceiling`` (the parent's) when the set
+        has no reference."""
         if self.reference is None or self.level is None:
             return self.ceiling
-        ref_x, ref_y = self.reference
-        phi_ref = confidence_logit(predict_logits(model, ref_x), ref_y)
+        phi_ref = self._reference_phi(model) if phi_ref is None else phi_ref
+        ref_y = self.reference[1]
         out = torch.full((len(self),), float("inf"))
         rows = self.level.isfinite()
         out[rows] = ceilings_at(phi_ref, ref_y, self.y[rows], self.level[rows])
         return out
 
-    def satisfied_by(self, model: nn.Module) -> torch.Tensor:
+    def satisfied_by(self, model: nn.Module, phi_ref: torch.Tensor | None = None) -> torch.Tensor:
+        """Per row, whether ``model`` meets the row's objective (``phi_ref``: the model's
+        reference confidence, when the caller already has it)."""
         logits = predict_logits(model, self.x)
         ok = self.satisfied(logits)
         held = self.is_unseen & ok
         if self.reference is None or self.level is None or not bool(held.any()):
             return ok
         # the expensive confirmation, only for batches that hold against the parent
-        ref_x, ref_y = self.reference
-        phi_ref = confidence_logit(predict_logits(model, ref_x), ref_y)
+        phi_ref = self._reference_phi(model) if phi_ref is None else phi_ref
+        ref_y = self.reference[1]
         phi = confidence_logit(logits[held], self.y[held])
         rank = torch.zeros(len(self))
         rank[held] = class_ranks(phi, self.y[held], phi_ref, ref_y)
@@ -442,9 +457,11 @@ class Context:
         loss.backward()
         optimizer.step()
         self.steps += 1
-        if self.steps % CEILING_REFRESH == 0:  # a forward pass over the held-out reference
-            self.ceiling = self.forget.ceilings_for(self.model)
-        ok = self.forget.satisfied_by(self.model)
+        phi_ref = None
+        if self.steps % CEILING_REFRESH == 0:  # one forward pass over the held-out reference
+            phi_ref = self.forget.reference_confidence(self.model)
+            self.ceiling = self.forget.ceilings_for(self.model, phi_ref)
+        ok = self.forget.satisfied_by(self.model, phi_ref)
         self.reached = bool(ok.all())
         if self.progress and (self.reached or self.steps % 10 == 0):
             self.progress(self.steps, self.max_steps,
