@@ -31,8 +31,8 @@ Each change is a switch, so ``unlearn bench --ablation`` can turn it off alone:
 
 An optional retain sample (``RetainSample``, at most 1% of the training set) is distilled
 the same way, starting at ``anchor_weight * retain_weight`` and relaxing by ``retain_decay``
-per step (a constant retain anchor blocked the objective for k >= 32 on Fashion-MNIST); it is
-never required.
+on the same stalled steps (a constant retain anchor blocked the objective for k >= 32 on
+Fashion-MNIST); it is never required.
 """
 
 from __future__ import annotations
