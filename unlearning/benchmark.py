@@ -32,6 +32,7 @@ L2UL_ABLATION: dict[str, dict[str, Any]] = {
     "l2ul -synthetic": {"synthetic_anchors": 0},
     "l2ul -decay": {"anchor_decay": 1.0},
     "l2ul -relax-on-stall(every step)": {"relax_patience": 0},
+    "l2ul -relax-after-half-budget": {"relax_always_after": 1.0},
     "l2ul -warmup": {"warmup_steps": 0},
     "l2ul -adversarial": {"adv_per_instance": 0},
     "l2ul -importance": {"use_importance": False},

@@ -103,8 +103,21 @@ def test_anchors_relax_only_when_the_forget_loss_stalls():
     assert not stalled([-5.0, -6.0, -7.0, -8.0], patience=3, progress=0.05)
 
 
+def test_anchors_relax_on_every_step_once_the_budget_share_is_spent(digits_model):
+    """relax_always_after=0 spends no budget on waiting: the same run as relaxing every step."""
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 8, seed=0)
+    base = {"max_steps": 30, "synthesis_steps": 5}
+    every_step = unlearn("l2ul", model, forget, {**base, "relax_patience": 0}, seed=0)
+    from_start = unlearn("l2ul", model, forget, {**base, "relax_always_after": 0.0}, seed=0)
+    on_stalls = unlearn("l2ul", model, forget, {**base, "relax_always_after": 1.0}, seed=0)
+    assert weights_sha256(from_start.model) == weights_sha256(every_step.model)
+    assert weights_sha256(on_stalls.model) != weights_sha256(every_step.model)
+
+
 @pytest.mark.parametrize("bad", [{"relax_patience": -1}, {"relax_progress": 1.0},
-                                 {"relax_progress": -0.1}])
+                                 {"relax_progress": -0.1}, {"relax_always_after": 1.5},
+                                 {"relax_always_after": -0.1}])
 def test_l2ul_refuses_invalid_relaxation(digits_model, bad):
     model, ds = digits_model
     forget = forget_set_for(ds, "misclassify", 4, seed=0)

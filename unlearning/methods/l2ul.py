@@ -22,7 +22,9 @@ Each change is a switch, so ``unlearn bench --ablation`` can turn it off alone:
    reached (a release that misses it fails its gate) with no more collateral than needed.
    They relax only on steps where the forget loss has stalled (it fell by less than
    ``relax_progress`` over the last ``relax_patience`` steps): while the objective is still
-   being won under the current anchors, loosening them only buys collateral.
+   being won under the current anchors, loosening them only buys collateral. Once
+   ``relax_always_after`` of the step budget is spent they relax on every step: a run that
+   ends at the cap with rows left fails its gate, which costs more than the collateral.
 5. ``freeze_bn``: BatchNorm keeps the pre-trained running statistics during the update;
    batches of a few forget images are not the data distribution.
 6. ``optimizer="adam"`` with a short learning-rate warm-up (``warmup_steps``), few PGD steps
@@ -72,6 +74,7 @@ class L2ULConfig:
     warmup_steps: int = 20  # linear learning-rate warm-up; 0 = off (see the comment in the loop)
     relax_patience: int = 10  # anchors relax only when the forget loss stalls; 0 = every step
     relax_progress: float = 0.05  # share the forget loss must fall over relax_patience steps
+    relax_always_after: float = 0.5  # share of max_steps after which anchors relax every step
     reg_lambda: float = 1.0
     use_importance: bool = True
     retain_weight: float = 1.0
@@ -148,7 +151,8 @@ def mixup_pairs(x: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
 def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> None:
     if cfg.forget_loss not in ("margin", "neg-ce") or cfg.anchor_loss not in ("kl", "ce") \
             or cfg.optimizer not in ("adam", "sgd") or cfg.warmup_steps < 0 \
-            or cfg.relax_patience < 0 or not 0 <= cfg.relax_progress < 1:
+            or cfg.relax_patience < 0 or not 0 <= cfg.relax_progress < 1 \
+            or not 0 <= cfg.relax_always_after <= 1:
         raise ValueError(f"invalid l2ul config: {cfg}")
     if cfg.forget_loss == "neg-ce" and bool(forget.is_unseen.any()):
         raise ValueError("forget_loss='neg-ce' has no as-if-unseen form; use 'margin'")
@@ -220,6 +224,7 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
             loss = loss + cfg.reg_lambda * anchor_penalty(model, anchor_params, weights)
         ctx.step(opt, loss)
         warmup.step()
-        if stalled(forget_losses, cfg.relax_patience, cfg.relax_progress):
+        if ctx.steps >= cfg.relax_always_after * ctx.max_steps \
+                or stalled(forget_losses, cfg.relax_patience, cfg.relax_progress):
             weight *= cfg.anchor_decay
             retain_weight *= cfg.retain_decay
