@@ -4,6 +4,7 @@ tried" tables (not a product setting). Same forget sets, seeds and determinism a
 seconds spent building the anchors.
 
     python docs/bench/l2ul_probe.py --k 32 --objectives misclassify --set relax_patience=0
+    python docs/bench/l2ul_probe.py --k 32 --objectives misclassify --retain-fraction 0.01
 
 Needs the cached bench checkpoint (artifacts/bench/fashion-mnist-small-cnn-e5-s0.pt, made by
 any fashion-mnist `unlearn bench`).
@@ -19,8 +20,8 @@ import torch
 
 import unlearning.methods.l2ul as l2ul_module
 from unlearning.benchmark import forget_set_for
-from unlearning.data import load_dataset
-from unlearning.methods import unlearn
+from unlearning.data import load_dataset, sample_forget_ids, sample_retain_ids
+from unlearning.methods import RetainSample, unlearn
 from unlearning.models import load_checkpoint
 from unlearning.train import accuracy
 
@@ -46,6 +47,8 @@ def main() -> None:
     p.add_argument("--objectives", default="misclassify,relabel")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="l2ul parameter, e.g. relax_patience=0 (repeatable)")
+    p.add_argument("--retain-fraction", type=float, default=0.0,
+                   help="give l2ul a retain sample of this share (<= 0.01), as `unlearn bench` does")
     p.add_argument("--checkpoint", default="artifacts/bench/fashion-mnist-small-cnn-e5-s0.pt")
     p.add_argument("--out", help="append the rows to this JSON-lines file")
     args = p.parse_args()
@@ -66,8 +69,13 @@ def main() -> None:
             for seed in map(int, args.seeds.split(",")):
                 SETUP.clear()
                 forget = forget_set_for(ds, objective, k, seed, model)
-                res = unlearn("l2ul", model, forget, params, seed=seed)
-                row = {"params": params, "objective": objective, "k": k, "seed": seed,
+                retain = None
+                if args.retain_fraction > 0:
+                    r = sample_retain_ids(ds.num_train, sample_forget_ids(ds.num_train, k, seed),
+                                          args.retain_fraction, seed)
+                    retain = RetainSample(ds.train_x[r], ds.train_y[r])
+                res = unlearn("l2ul", model, forget, params, retain=retain, seed=seed)
+                row = {"params": params, "retain_fraction": args.retain_fraction, "objective": objective, "k": k, "seed": seed,
                        "reached": res.reached, "satisfied": f"{res.satisfied}/{res.total}",
                        "test_drop": round(before - accuracy(res.model, ds.test_x, ds.test_y), 2),
                        "steps": res.steps, "seconds": round(res.seconds, 1),
