@@ -90,6 +90,15 @@ def forget_set_for(ds: ImageDataset, objective: str, k: int, seed: int,
                            model=model, heldout=(ds.test_x, ds.test_y))
 
 
+def retain_sample_for(ds: ImageDataset, k: int, seed: int, fraction: float) -> RetainSample | None:
+    """The seeded retain sample (``fraction`` of train, disjoint from the forget set of
+    ``k``/``seed``); None for fraction 0."""
+    if fraction <= 0:
+        return None
+    r = sample_retain_ids(ds.num_train, sample_forget_ids(ds.num_train, k, seed), fraction, seed)
+    return RetainSample(ds.train_x[r], ds.train_y[r])
+
+
 def retrain_without(ds: ImageDataset, model_factory: Callable[[], torch.nn.Module],
                     forget_ids: list[int], config: TrainConfig) -> tuple[torch.nn.Module, float]:
     """Exact unlearning: train from scratch on the training split minus ``forget_ids``."""
@@ -183,10 +192,7 @@ def run_group(
     test = (ds.test_x, ds.test_y)
     test_before = accuracy(model, *test)
     ids = sample_forget_ids(ds.num_train, k, seed)
-    retain = None
-    if config.retain_fraction > 0:
-        r = sample_retain_ids(ds.num_train, ids, config.retain_fraction, seed)
-        retain = RetainSample(ds.train_x[r], ds.train_y[r])
+    retain = retain_sample_for(ds, k, seed, config.retain_fraction)
     retain_eval = retain_eval_ids(ds.num_train, ids, seed)
     forget_x, forget_y = ds.train_x[ids], ds.train_y[ids]
     reference: dict[str, Any] = {}

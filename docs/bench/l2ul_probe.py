@@ -19,9 +19,9 @@ import time
 import torch
 
 import unlearning.methods.l2ul as l2ul_module
-from unlearning.benchmark import forget_set_for
-from unlearning.data import load_dataset, sample_forget_ids, sample_retain_ids
-from unlearning.methods import RetainSample, unlearn
+from unlearning.benchmark import forget_set_for, retain_sample_for
+from unlearning.data import load_dataset
+from unlearning.methods import unlearn
 from unlearning.models import load_checkpoint
 from unlearning.train import accuracy
 
@@ -69,13 +69,10 @@ def main() -> None:
             for seed in map(int, args.seeds.split(",")):
                 SETUP.clear()
                 forget = forget_set_for(ds, objective, k, seed, model)
-                retain = None
-                if args.retain_fraction > 0:
-                    r = sample_retain_ids(ds.num_train, sample_forget_ids(ds.num_train, k, seed),
-                                          args.retain_fraction, seed)
-                    retain = RetainSample(ds.train_x[r], ds.train_y[r])
+                retain = retain_sample_for(ds, k, seed, args.retain_fraction)
                 res = unlearn("l2ul", model, forget, params, retain=retain, seed=seed)
-                row = {"params": params, "retain_fraction": args.retain_fraction, "objective": objective, "k": k, "seed": seed,
+                row = {"params": params, "retain_fraction": args.retain_fraction,
+                       "objective": objective, "k": k, "seed": seed,
                        "reached": res.reached, "satisfied": f"{res.satisfied}/{res.total}",
                        "test_drop": round(before - accuracy(res.model, ds.test_x, ds.test_y), 2),
                        "steps": res.steps, "seconds": round(res.seconds, 1),
