@@ -115,9 +115,29 @@ def test_anchors_relax_on_every_step_once_the_budget_share_is_spent(digits_model
     assert weights_sha256(on_stalls.model) != weights_sha256(every_step.model)
 
 
+def test_with_a_retain_sample_its_own_relaxation_share_replaces_the_forget_only_one(digits_model):
+    """With a retain sample, retain_relax_always_after decides (default 0: every step) and
+    relax_always_after is ignored; without one, the retain share changes nothing."""
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 8, seed=0)
+    retain = RetainSample(ds.train_x[-64:], ds.train_y[-64:])
+    base = {"max_steps": 30, "synthesis_steps": 5}
+
+    def run(params, retain_sample):
+        return weights_sha256(unlearn("l2ul", model, forget, {**base, **params},
+                                      retain=retain_sample, seed=0).model)
+
+    default = run({}, retain)
+    assert default == run({"relax_patience": 0}, retain)  # every step from the start
+    assert default == run({"relax_always_after": 1.0}, retain)  # the forget-only share is ignored
+    assert default != run({"retain_relax_always_after": 1.0}, retain)  # on stalls only
+    assert run({}, None) == run({"retain_relax_always_after": 1.0}, None)
+
+
 @pytest.mark.parametrize("bad", [{"relax_patience": -1}, {"relax_progress": 1.0},
                                  {"relax_progress": -0.1}, {"relax_always_after": 1.5},
-                                 {"relax_always_after": -0.1}])
+                                 {"relax_always_after": -0.1}, {"retain_relax_always_after": 1.5},
+                                 {"retain_relax_always_after": -0.1}])
 def test_l2ul_refuses_invalid_relaxation(digits_model, bad):
     model, ds = digits_model
     forget = forget_set_for(ds, "misclassify", 4, seed=0)
