@@ -27,6 +27,7 @@ L2UL_ABLATION: dict[str, dict[str, Any]] = {
     "l2ul": {},
     "l2ul -margin(neg-ce)": {"forget_loss": "neg-ce"},
     "l2ul margin=1": {"margin": 1.0},
+    "l2ul lr=3e-4": {"lr": 3e-4},
     "l2ul -kl(hard-ce)": {"anchor_loss": "ce"},
     "l2ul -neighbours": {"neighbour_shifts": 0},
     "l2ul -synthetic": {"synthetic_anchors": 0},
