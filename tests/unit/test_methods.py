@@ -143,3 +143,12 @@ def test_l2ul_refuses_invalid_relaxation(digits_model, bad):
     forget = forget_set_for(ds, "misclassify", 4, seed=0)
     with pytest.raises(ValueError, match="invalid l2ul config"):
         unlearn("l2ul", model, forget, bad, seed=0)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan")])
+def test_l2ul_refuses_a_learning_rate_that_is_not_positive(digits_model, lr):
+    """lr 0 would spend the whole step budget without moving; caught before any anchor is built."""
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 4, seed=0)
+    with pytest.raises(ValueError, match="invalid l2ul config"):
+        unlearn("l2ul", model, forget, {"lr": lr}, seed=0)

@@ -155,7 +155,7 @@ def mixup_pairs(x: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
           "frozen BatchNorm, inverted MAS importance", accepts_retain=True, objectives=OBJECTIVES)
 def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> None:
     if cfg.forget_loss not in ("margin", "neg-ce") or cfg.anchor_loss not in ("kl", "ce") \
-            or cfg.optimizer not in ("adam", "sgd") or cfg.warmup_steps < 0 \
+            or cfg.optimizer not in ("adam", "sgd") or not cfg.lr > 0 or cfg.warmup_steps < 0 \
             or cfg.relax_patience < 0 or not 0 <= cfg.relax_progress < 1 \
             or not 0 <= cfg.relax_always_after <= 1 \
             or not 0 <= cfg.retain_relax_always_after <= 1:
