@@ -30,6 +30,7 @@ L2UL_ABLATION: dict[str, dict[str, Any]] = {
     "l2ul lr=3e-4": {"lr": 3e-4},
     "l2ul -kl(hard-ce)": {"anchor_loss": "ce"},
     "l2ul -neighbours": {"neighbour_shifts": 0},
+    "l2ul neighbours 4x0.1": {"neighbour_shifts": 4, "neighbour_weight": 0.1},
     "l2ul -synthetic": {"synthetic_anchors": 0},
     "l2ul -decay": {"anchor_decay": 1.0},
     "l2ul -relax-on-stall(every step)": {"relax_patience": 0},
