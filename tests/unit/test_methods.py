@@ -7,7 +7,7 @@ import torch
 
 from unlearning.benchmark import forget_set_for, variants_for
 from unlearning.methods import ForgetSet, RetainSample, list_methods, make_config, unlearn
-from unlearning.methods.l2ul import stalled
+from unlearning.methods.l2ul import shifted_copies, stalled
 from unlearning.models import weights_sha256
 
 
@@ -91,6 +91,24 @@ def test_l2ul_warmup_shrinks_the_first_step_and_refuses_negative_lengths(digits_
     assert moved(20) < 0.2 * moved(0)
     with pytest.raises(ValueError, match="invalid l2ul config"):
         unlearn("l2ul", model, forget, {"warmup_steps": -1}, seed=0)
+
+
+def test_neighbour_anchors_are_small_nonzero_translations_of_each_forget_image():
+    x = torch.rand(3, 1, 8, 8)
+    near = shifted_copies(x, copies=8, max_shift=2, g=torch.Generator().manual_seed(0))
+    assert near.shape == (24, 1, 8, 8)
+    offsets = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0)]
+    for c in range(8):
+        for i in range(3):
+            assert any(torch.equal(near[c * 3 + i], torch.roll(x[i], o, dims=(1, 2))) for o in offsets)
+    assert len(shifted_copies(x, copies=0, max_shift=2, g=torch.Generator())) == 0
+
+
+def test_l2ul_anchors_eight_shifted_copies_of_every_forget_image_by_default(digits_model):
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 4, seed=0)
+    res = unlearn("l2ul", model, forget, {"max_steps": 1, "synthesis_steps": 1}, seed=0)
+    assert res.info["neighbour_anchors"] == 8 * 4
 
 
 def test_anchors_relax_only_when_the_forget_loss_stalls():
