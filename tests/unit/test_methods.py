@@ -111,6 +111,17 @@ def test_l2ul_anchors_eight_shifted_copies_of_every_forget_image_by_default(digi
     assert res.info["neighbour_anchors"] == 8 * 4
 
 
+@pytest.mark.parametrize("bad", [{"neighbour_weight": -1.0}, {"neighbour_weight": float("nan")},
+                                 {"neighbour_shifts": -1}, {"max_shift": -1}])
+def test_l2ul_refuses_negative_neighbour_settings(digits_model, bad):
+    """A negative weight would push the neighbours away from their predictions; a negative
+    count or shift used to be read silently as 'off'."""
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 4, seed=0)
+    with pytest.raises(ValueError, match="invalid l2ul config"):
+        unlearn("l2ul", model, forget, bad, seed=0)
+
+
 def test_anchors_relax_only_when_the_forget_loss_stalls():
     assert stalled([5.0, 4.0], patience=0, progress=0.05)  # 0: relax every step
     assert stalled([5.0, 4.0], patience=3, progress=0.05)  # too few steps to judge: relax

@@ -162,7 +162,8 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
             or cfg.optimizer not in ("adam", "sgd") or not cfg.lr > 0 or cfg.warmup_steps < 0 \
             or cfg.relax_patience < 0 or not 0 <= cfg.relax_progress < 1 \
             or not 0 <= cfg.relax_always_after <= 1 \
-            or not 0 <= cfg.retain_relax_always_after <= 1:
+            or not 0 <= cfg.retain_relax_always_after <= 1 \
+            or cfg.neighbour_shifts < 0 or cfg.max_shift < 0 or not cfg.neighbour_weight >= 0:
         raise ValueError(f"invalid l2ul config: {cfg}")
     if cfg.forget_loss == "neg-ce" and bool(forget.is_unseen.any()):
         raise ValueError("forget_loss='neg-ce' has no as-if-unseen form; use 'margin'")
