@@ -130,7 +130,7 @@ def _variants(cfg: StudyConfig) -> list[tuple[str, str]]:
 
 
 def run_study(cfg: StudyConfig, log: Log | None = None) -> dict:
-    """The whole study; every number but the ``seconds`` fields is deterministic."""
+    """The whole study; every number but the ``seconds`` fields is deterministic on one machine."""
     log = log or (lambda _m: None)
     ds = load_dataset(cfg.dataset)
     spec, tcfg = spec_for(cfg.arch, ds), cfg.train_config()
@@ -330,8 +330,8 @@ def to_markdown(result: dict, command: str) -> str:
 Machine: {result['machine']['cpus']}-core CPU shared with other jobs, {result['machine']['torch_threads']} torch
 thread, Python {result['machine']['python']}, torch {result['machine']['torch']}. Wall time: target
 {sec['target']:.0f} s, {c['n_shadows']} shadows {sec['shadows']:.0f} s, whole run {sec['total']:.0f} s.
-Every number but the seconds is deterministic (fixed seeds; rows in
-`docs/bench/privacy-digits.json`).
+Every number but the seconds is deterministic on one machine (fixed seeds, deterministic
+kernels; rows in `docs/bench/privacy-digits.json`); another CPU can move the last digits.
 
 **Why.** On the pipeline's fashion-mnist model (small CNN, 5 epochs) the SalUn SVC MIA is at
 chance for every model, the original included, so it cannot tell a leaky model from a clean
