@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flows.cli import UsageError
+from flows.cli.errors import UsageError
 from tasks.params import PipelineParams
 from tasks.paths import Paths
 
@@ -65,7 +65,7 @@ def reset_state(paths: Paths) -> None:
 def write_manifests(folder: Path, num_train: int, labels: list[int],
                     num_classes: int) -> dict[str, Path]:
     """Three manifests: erasure (as-if-unseen, CSV), relabel (JSONL), an invalid one (CSV)."""
-    from unlearning.data import sample_forget_ids
+    from unlearning.datasets import sample_forget_ids
 
     folder.mkdir(parents=True, exist_ok=True)
     ids = sample_forget_ids(num_train, 13, seed=7)

@@ -5,7 +5,7 @@ scheduled run knows where the state lives, and returns a small dict with a ``sta
 ``ok``, ``refused`` (a guard said no: nothing changed) or ``failed`` (a precondition does not
 hold). Unexpected errors raise: the flow run fails and the batch in hand stays pending.
 
-One batch (DESIGN §3): validate -> fetch champion -> unlearn -> evaluate -> gates -> register
+One batch: validate -> fetch champion -> unlearn -> evaluate -> gates -> register
 -> track data (data/releases.json, ``dvc add data``, tag ``data_rev``) -> (candidate, promote
 to champion) -> ledger. Nothing is marked done before the champion
 alias has moved; ``tasks.lineage.reconcile`` finishes the ledger if a run died between the
@@ -25,6 +25,7 @@ from tasks import registry, release
 from tasks.faults import fault
 from tasks.ledger import Ledger
 from tasks.lineage import LineageError, guard, missing_reason, previous_champion, reconcile
+from tasks.locks import file_lock, lock_holder
 from tasks.params import PipelineParams, load_params
 from tasks.paths import Paths, find_home
 from tasks.steps import (
@@ -41,7 +42,7 @@ from tasks.steps import (
     train_model,
     validate_forget_set,
 )
-from tasks.submit import file_lock, lock_holder, manifest_problem
+from tasks.submit import manifest_problem
 
 
 class PipelineError(RuntimeError):

@@ -38,10 +38,11 @@ class DatasetParams(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from unlearning.data import DATASETS
+        from unlearning.datasets import list_datasets
 
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        if name not in list_datasets():
+            raise ValueError(f"unknown dataset {name!r}; choose one of "
+                             f"{', '.join(list_datasets())}")
         return name
 
 

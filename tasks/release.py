@@ -26,7 +26,7 @@ MANIFEST_FIELDS = ("request_id", "instance_id", "objective", "new_label")
 @functools.lru_cache(maxsize=2)
 def load_data(name: str, data_dir: str = ""):
     """The dataset (cached per process: every task of a run reads the same one)."""
-    from unlearning.data import load_dataset
+    from unlearning.datasets import load_dataset
 
     return load_dataset(name, data_dir or None)
 
@@ -167,7 +167,7 @@ def rebuild_release(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], b
 def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any],
                        candidate: dict[str, Any], batch_id: str, earlier: list[str],
                        metrics_path: Path | None = None) -> dict[str, Any]:
-    """Release metrics of a candidate (DESIGN §5); written to ``metrics_path`` (default:
+    """Release metrics of a candidate (defined in ``unlearning.metrics``); written to ``metrics_path`` (default:
     metrics.json beside the candidate)."""
     import torch
 

@@ -127,7 +127,7 @@ def stage_releases(home: Path) -> dict[str, Any]:
 
 
 def stage_evaluate(home: Path) -> dict[str, Any]:
-    """Release metrics (DESIGN §5) and gates of every rebuilt release -> artifacts/metrics.json."""
+    """Release metrics (``unlearning.metrics``) and gates of every rebuilt release -> artifacts/metrics.json."""
     from .gates import check_gates
 
     paths, cfg, load = _setup(home)

@@ -10,19 +10,16 @@ ever applied.
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .datastore import DataTrackingError, track
 from .faults import fault
 from .ledger import Batch, Ledger
+from .locks import file_lock
 from .params import PipelineParams
 from .paths import Paths
 from .release import dataset_of, read_rows, write_manifest
@@ -34,37 +31,6 @@ from .validation import (
     typed_rows,
     validate_manifest,
 )
-
-
-@contextmanager
-def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
-    """An advisory lock on ``path``; yields False if ``wait`` is off and someone holds it.
-
-    ``flock``: the kernel drops it when the holder's process dies (even by SIGKILL), so a
-    crash never leaves a stale lock; the file only keeps the last holder's pid, for messages.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            f.truncate(0)
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def lock_holder(path: Path) -> int | None:
-    """The pid recorded in a lock file (its current or last holder), if any."""
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def manifest_problem(paths: Paths, batch: Batch) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .attacks import random_other_labels
-from .data import ImageDataset, sample_forget_ids, sample_retain_ids
+from .datasets import ImageDataset, sample_forget_ids, sample_retain_ids
 from .methods import ForgetSet, RetainSample, UnlearnResult, get_method, make_config, unlearn
 from .methods.retrain import retrain_reference
 from .metrics import membership_auc, mia_efficacy, objective_rate, relabel_success
@@ -132,7 +132,7 @@ def exact_retrain(ds: ImageDataset, model_factory: Callable[[], torch.nn.Module]
 # Retain accuracy and the MIA's member side are measured on this many training rows outside
 # the forget set (a fixed draw per seed): the whole split would cost more than the unlearning.
 RETAIN_EVAL_ROWS = 2000
-# The metrics averaged into ``gap_to_retrain`` (DESIGN §5), all in percent.
+# The metrics averaged into ``gap_to_retrain`` (forget, retain and test accuracy, MIA efficacy), in percent.
 GAP_METRICS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy")  # not membership_auc
 
 

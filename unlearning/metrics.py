@@ -1,4 +1,4 @@
-"""Metric definitions shared by gates, reports and benchmarks (DESIGN.md §5).
+"""Metric definitions shared by gates, reports and benchmarks.
 
 Accuracies are in percent. MIA efficacy follows SalUn: an RBF SVC (C=3) trained on the
 true-class softmax probability, members = a retain sample, non-members = held-out data;
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.base import ForgetSet
+from .forget_set import ForgetSet
 from .train import accuracy, predict_logits
 
 
@@ -98,7 +98,7 @@ def membership_auc(model: nn.Module, forget: tuple[torch.Tensor, torch.Tensor],
     chance the rows still look like members; far below, deliberately damaged, which reveals
     the deletion as much.
     """
-    from .methods.base import class_ranks, confidence_logit
+    from .objectives import class_ranks, confidence_logit
 
     fx, fy = forget
     hx, hy = heldout

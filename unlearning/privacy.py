@@ -15,7 +15,7 @@ as the paper advises), and score a target model's phi by the likelihood ratio
 Higher = more likely a member. The SalUn SVC on the raw confidence (``metrics.mia_efficacy``)
 uses one threshold for every example; LiRA asks "is *this* example more confident than it
 would be had it not been trained on?", which is what makes it work where the SVC is at chance.
-The benchmark that uses it lives in :mod:`unlearning.privacy_study`.
+The study that uses it is ``benchmarks/privacy_study.py``.
 """
 
 from __future__ import annotations
@@ -198,63 +198,3 @@ def tpr_at_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray, fpr: flo
     labels = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
     f, t, _ = roc_curve(labels, np.r_[member_scores, nonmember_scores])
     return float(t[f <= fpr + 1e-12].max())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m unlearning.privacy``: the LiRA study of ``unlearning.privacy_study``."""
-    import argparse
-    import json
-    import shlex
-    import sys
-    from pathlib import Path
-
-    from . import privacy_study as study
-
-    ap = argparse.ArgumentParser(prog="python -m unlearning.privacy", description=main.__doc__)
-    ap.add_argument("--out", type=Path, help="write every row and the summary as JSON here")
-    ap.add_argument("--markdown", type=Path, help="write the report page here")
-    ap.add_argument("--shadows", type=int, default=study.StudyConfig.n_shadows)
-    ap.add_argument("--epochs", type=int, default=study.StudyConfig.epochs)
-    ap.add_argument("--k", type=int, default=study.StudyConfig.k)
-    ap.add_argument("--seeds", default="0,1,2", help="forget-set seeds, comma-separated")
-    ap.add_argument("--methods", help="comma-separated (default: every registered method but "
-                    + ", ".join(study.SKIPPED) + ")")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--render", type=Path, metavar="JSON",
-                    help="no run: rewrite --markdown from a JSON written by --out")
-    args = ap.parse_args(argv)
-    if args.render:
-        if not args.markdown:
-            ap.error("--render needs --markdown")
-        result = json.loads(args.render.read_text())
-        args.markdown.write_text(study.to_markdown(result, result["command"]))
-        return 0
-    if args.threads < 1 or args.shadows < 4 or args.shadows % 2 or args.k < 1:
-        ap.error("--threads and --k must be >= 1, --shadows an even number >= 4")
-    from .methods import get_method
-
-    try:
-        for name in (args.methods.split(",") if args.methods else []):
-            get_method(name)
-    except KeyError as e:
-        ap.error(str(e.args[0]))
-    torch.set_num_threads(args.threads)
-    cfg = study.StudyConfig(
-        n_shadows=args.shadows, epochs=args.epochs, k=args.k,
-        seeds=tuple(int(s) for s in args.seeds.split(",")),
-        methods=tuple(args.methods.split(",")) if args.methods else None)
-    result = study.run_study(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(study.original_table(result))
-    print(study.unlearning_table(result))
-    command = "python -m unlearning.privacy " + shlex.join(argv if argv is not None else sys.argv[1:])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**result, "command": command}, indent=1) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(study.to_markdown(result, command))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

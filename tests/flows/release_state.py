@@ -19,7 +19,7 @@ def build_release_state(root: Path) -> dict[str, Any]:
     Needs the session's Prefect server (the ``prefect_server`` fixture). Returns the manifest
     rows and the CLI results.
     """
-    from unlearning.data import load_digits
+    from unlearning.datasets import load_digits
 
     labels = load_digits().train_y.tolist()
     rows = [{"request_id": f"erase-{i}", "instance_id": i, "objective": "misclassify",

@@ -135,7 +135,7 @@ def test_dask_gives_the_serial_rows(checkpoint, tmp_path, prefect_server):
         "retain_fraction": 0.0, "rounds": None, "threads": 1,
         "train": {"epochs": 30, "seed": 0},
     }
-    from flows.bench_flow import run_bench
+    from flows.bench import run_bench
 
     serial, _ = run_bench(spec, serial=True, quiet=True)
     dask, _ = run_bench(spec, serial=False, workers=2, quiet=True)

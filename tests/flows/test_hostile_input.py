@@ -6,7 +6,7 @@ Each row must end with its documented exit code and ONE error line on stderr (no
 and leave the ledger, every file under data/ and the MLflow registry (versions, tags,
 aliases, registered models) exactly as they were. The one designed exception: a manifest
 that parses but breaks a validation rule is recorded as a *rejected* batch (visible in
-``unlearn requests`` with the failed rule, DESIGN §3), so those rows allow exactly one new
+``unlearn requests`` with the failed rule, see tasks/validation.py), so those rows allow exactly one new
 rejected batch in the ledger and nothing else.
 
 All rows share one prepared state folder: version 1 (pretrain), version 2 (one applied
@@ -68,7 +68,7 @@ def project(tmp_path_factory, prefect_server, write_params):
     root = tmp_path_factory.mktemp("hostile-home")
     inputs = tmp_path_factory.mktemp("hostile-inputs")
     write_params(root)
-    from unlearning.data import load_digits
+    from unlearning.datasets import load_digits
 
     labels = load_digits().train_y.tolist()
     with pytest.MonkeyPatch.context() as mp:

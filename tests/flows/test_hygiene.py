@@ -12,7 +12,7 @@ BIN = Path(sys.executable).parent
 
 
 def test_imports_create_nothing(tmp_path, tmp_path_factory):
-    script = ("import os, flows.pipeline, flows.cli_pipeline, flows.demo, tasks.steps, "
+    script = ("import os, flows.pipeline, flows.cli.pipeline, flows.demo, tasks.steps, "
               "tasks.validation, tasks.registry, tasks.submit, tasks.lineage\n"
               "assert 'MLFLOW_TRACKING_URI' not in os.environ\n")
     # prefect itself creates PREFECT_HOME on import: keep that out of the folder we watch

@@ -21,9 +21,10 @@ from flow_helpers import cli, cli_json
 from release_state import build_release_state
 
 from flows.cli import main
-from flows.report import SECTIONS, render_html
+from flows.render.report import SECTIONS, render_html
 from tasks.paths import Paths
-from tasks.report import lineage_chain, per_class_accuracy, score_distributions
+from tasks.report import lineage_chain
+from unlearning.analysis import per_class_accuracy, score_distributions
 
 pytestmark = pytest.mark.flow
 

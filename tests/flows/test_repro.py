@@ -47,7 +47,7 @@ def write_manifest(path: Path, rows: list[tuple[str, int, str, int | None]]) -> 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, prefect_server, write_params):
     """Version 1 (4 epochs, set in params.yaml so DVC sees it) and two batches on top."""
-    from unlearning.data import load_digits
+    from unlearning.datasets import load_digits
 
     root = tmp_path_factory.mktemp("repro")
     write_params(root, pretrain={"epochs": 4})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unlearning.benchmark import forget_set_for, retrain_without
-from unlearning.data import sample_retain_ids
+from unlearning.datasets import sample_retain_ids
 from unlearning.methods import RetainSample, get_method, make_config, unlearn
 from unlearning.methods.retrain import retrain_reference
 from unlearning.models import build_model, spec_for, weights_sha256

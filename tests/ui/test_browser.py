@@ -16,10 +16,10 @@ import pytest
 from flow_helpers import cli
 from ui_helpers import UiProcess, free_port
 
-from flows.report import SECTIONS
+from flows.render.report import SECTIONS
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow,
-              pytest.mark.usefixtures("chromium_available")]  # skip before any setup
+              pytest.mark.usefixtures("chromium_available")]  # fail before any setup
 
 IMAGES_LOADED = """(() => {
   const imgs = [...document.images];

@@ -18,7 +18,7 @@ import pytest
 from flow_helpers import cli
 from ui_helpers import UiProcess, free_port
 
-from flows.cli_report import port_free
+from flows.cli.ui import port_free
 
 
 def children(pid: int) -> list[int]:

@@ -9,8 +9,8 @@ import torch
 
 from unlearning.benchmark import forget_set_for
 from unlearning.methods import ForgetSet, unlearn
-from unlearning.methods.base import confidence_logit, heldout_ceiling, unseen_levels
 from unlearning.metrics import membership_auc
+from unlearning.objectives import confidence_logit, heldout_ceiling, unseen_levels
 from unlearning.train import accuracy, predict_logits
 
 
@@ -45,7 +45,7 @@ def test_build_needs_the_model_and_heldout_data(digits_model):
 
 
 def test_a_batch_holds_when_its_mean_held_out_rank_is_near_its_mean_level(digits_model):
-    from unlearning.methods.base import class_ranks, unseen_holds
+    from unlearning.objectives import class_ranks, unseen_holds
 
     model, ds = digits_model
     unseen = forget_set_for(ds, "as-if-unseen", 8, seed=0, model=model)

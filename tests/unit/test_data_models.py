@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from unlearning.data import (
-    DatasetError,
-    load_dataset,
-    load_fashion_mnist,
-    read_idx,
-    sample_forget_ids,
-    sample_retain_ids,
-)
+from unlearning.datasets import DatasetError, load_dataset, sample_forget_ids, sample_retain_ids
+from unlearning.datasets.fashion_mnist import load_fashion_mnist
+from unlearning.datasets.idx import read_idx
 from unlearning.models import (
     CheckpointError,
     ModelSpec,

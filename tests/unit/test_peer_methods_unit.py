@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from unlearning.methods import ForgetSet
-from unlearning.methods.base import Context
 from unlearning.methods.boundary_shrink import nearest_wrong_labels
 from unlearning.methods.jit import lipschitz_loss
+from unlearning.methods.loop import Context
 from unlearning.methods.peer_utils import (
     count_step,
     num_classes_of,

@@ -117,9 +117,10 @@ def test_helpers_and_refusals() -> None:
 @pytest.mark.slow
 def test_lira_beats_chance_and_the_loss_attack_on_a_memorising_digits_model() -> None:
     """Half of digits, 40 epochs, 4 shadows (~40 s on one thread): this can fail."""
-    from unlearning.data import load_dataset
-    from unlearning.models import build_model, spec_for
     from unlearning.privacy_study import StudyConfig, _members
+
+    from unlearning.datasets import load_dataset
+    from unlearning.models import build_model, spec_for
     from unlearning.train import train_classifier
 
     torch.set_num_threads(1)

@@ -1,5 +1,7 @@
 """Unlearning methods behind one registry; importing this package registers them all."""
 
+from ..forget_set import ForgetSet, RetainSample
+from ..objectives import OBJECTIVES
 from . import (  # noqa: F401  (registration side effect)
     baselines,
     boundary_shrink,
@@ -12,17 +14,8 @@ from . import (  # noqa: F401  (registration side effect)
     scrub,
     ssd,
 )
-from .base import (
-    OBJECTIVES,
-    ForgetSet,
-    MethodInfo,
-    RetainSample,
-    UnlearnResult,
-    get_method,
-    list_methods,
-    make_config,
-    unlearn,
-)
+from .loop import UnlearnResult
+from .registry import MethodInfo, get_method, list_methods, make_config, unlearn
 
 __all__ = [
     "OBJECTIVES", "ForgetSet", "MethodInfo", "RetainSample", "UnlearnResult", "get_method",

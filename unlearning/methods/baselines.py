@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import random_other_labels
-from .base import Context, ForgetSet, directional_ce, register
+from ..forget_set import ForgetSet, directional_ce
+from .loop import Context
+from .registry import register
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Context, ForgetSet, register
+from ..forget_set import ForgetSet
+from .loop import Context
 from .peer_utils import shuffled_batches
+from .registry import register
 
 
 def nearest_wrong_labels(model: nn.Module, x: torch.Tensor, avoid: torch.Tensor,

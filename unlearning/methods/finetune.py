@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Context, ForgetSet, RetainSample, register
+from ..forget_set import ForgetSet, RetainSample
+from .loop import Context
 from .peer_utils import shuffled_batches
+from .registry import register
 
 
 @dataclass(frozen=True)

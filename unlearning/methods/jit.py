@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Context, ForgetSet, register
+from ..forget_set import ForgetSet
+from .loop import Context
 from .peer_utils import shuffled_batches
+from .registry import register
 
 
 def lipschitz_loss(model: nn.Module, x: torch.Tensor, sigma: float, n_samples: int,

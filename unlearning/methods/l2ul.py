@@ -51,9 +51,12 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import adversarial_set
+from ..forget_set import ForgetSet, directional_ce
 from ..importance import anchor_penalty, inverted_importance, mas_importance
+from ..objectives import OBJECTIVES, confidence_logit
 from ..synthesis import invert_batchnorm
-from .base import OBJECTIVES, Context, ForgetSet, confidence_logit, directional_ce, register
+from .loop import Context
+from .registry import register
 
 
 @dataclass(frozen=True)

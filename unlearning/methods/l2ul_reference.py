@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import adversarial_set
+from ..forget_set import ForgetSet, directional_ce
 from ..importance import anchor_penalty, inverted_importance, mas_importance
-from .base import Context, ForgetSet, directional_ce, register
+from .loop import Context
+from .registry import register
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..attacks import random_other_labels
-from .base import Context, ForgetSet
+from ..forget_set import ForgetSet
+from .loop import Context
 
 
 @torch.no_grad()

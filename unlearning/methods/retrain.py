@@ -40,9 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..forget_set import ForgetSet, RetainSample
+from ..objectives import OBJECTIVES
 from ..train import TrainConfig, train_classifier
-from .base import OBJECTIVES, Context, ForgetSet, RetainSample, register
+from .loop import Context
 from .peer_utils import reinitialise
+from .registry import register
 
 
 def training_data_without(train_x: torch.Tensor, train_y: torch.Tensor,

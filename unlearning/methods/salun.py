@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Context, ForgetSet, RetainSample, directional_ce, register
+from ..forget_set import ForgetSet, RetainSample, directional_ce
+from .loop import Context
 from .peer_utils import num_classes_of, shuffled_batches, wrong_labels
+from .registry import register
 
 
 def saliency_mask(model: nn.Module, forget: ForgetSet, fraction: float) -> dict[str, torch.Tensor]:

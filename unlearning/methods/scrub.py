@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Context, ForgetSet, RetainSample, register
+from ..forget_set import ForgetSet, RetainSample
+from .loop import Context
 from .peer_utils import shuffled_batches
+from .registry import register
 
 
 def tempered_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

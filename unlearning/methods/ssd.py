@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Context, ForgetSet, RetainSample, register
+from ..forget_set import ForgetSet, RetainSample
+from .loop import Context
 from .peer_utils import count_step
+from .registry import register
 
 
 def diagonal_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -1,15 +1,13 @@
-"""What ``unlearn bench`` writes besides its table: PNG plots (matplotlib, Agg backend) and an
-MLflow run in the experiment ``bench`` (params, aggregated metrics, JSON/MD/PNG artifacts)."""
+"""What ``unlearn bench`` draws and sums up besides its table: PNG plots (matplotlib, Agg
+backend) and the aggregated metrics (mean per method, objective and k) that its MLflow run
+and DVC metrics files hold."""
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 from pathlib import Path
 from typing import Any
-
-EXPERIMENT = "bench"
 
 
 def _pyplot():
@@ -135,23 +133,3 @@ def aggregate_metrics(rows: list[dict]) -> dict[str, float]:
             if values:
                 out[_metric_key(*prefix, f)] = statistics.mean(values)
     return out
-
-
-def log_to_mlflow(tracking_uri: str, artifact_root: str, params: dict[str, Any],
-                  rows: list[dict], files: list[Path], extra_metrics: dict[str, float]) -> str:
-    """One run in the experiment ``bench``; returns its id."""
-    import mlflow
-
-    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)
-    if user_uri is None:  # set_tracking_uri exports it; leave the environment as it was
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root)
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"bench-{params.get('dataset')}") as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        mlflow.log_metrics({**aggregate_metrics(rows), **extra_metrics})
-        for f in files:
-            mlflow.log_artifact(str(f))
-        return run.info.run_id

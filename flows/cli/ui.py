@@ -1,10 +1,9 @@
-"""``unlearn`` subcommands to look at releases: ``report`` (one HTML page per version) and
-``ui`` (the MLflow UI and the Prefect UI as real servers on 127.0.0.1).
+"""``unlearn ui``: the MLflow UI and the Prefect UI as real servers on 127.0.0.1.
 
 ``unlearn ui`` runs both servers as child processes, each in its own process group, with
 SIGINT at its default action even when ``unlearn ui`` itself was started with SIGINT ignored
-(a shell starts background jobs that way and children inherit it; reference/stack.md §2). Ctrl-C, SIGTERM or SIGHUP to ``unlearn ui``
-stops both groups with SIGTERM, then SIGKILL after a grace period; if one server dies, the
+(a shell starts background jobs that way and children inherit it). Ctrl-C, SIGTERM or
+SIGHUP to ``unlearn ui`` stops both groups with SIGTERM, then SIGKILL after a grace period; if one server dies, the
 other is stopped too and the command exits 1 with the tail of its log.
 """
 
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.cli import EXIT_OK, Failure, UsageError
+from .errors import EXIT_OK, Failure, UsageError
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 240.0  # both servers import their whole stack; slow on 2 busy cores
@@ -33,16 +32,6 @@ STOP_GRACE_S = 20.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write the HTML release report of VERSION and log it "
-                                      "to the version's MLflow run")
-    p.add_argument("version", type=int, help="model version number (see `unlearn releases`)")
-    p.add_argument("--output", "-o", help="HTML file to write (default: "
-                                          "artifacts/reports/v<VERSION>.html)")
-    p.add_argument("--no-log", action="store_true",
-                   help="only write the file; do not attach it to the MLflow run")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(handler=cmd_report)
-
     p = sub.add_parser("ui", help="run the MLflow UI and the Prefect UI on 127.0.0.1 until "
                                   "Ctrl-C")
     p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000)")
@@ -54,48 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_ui)
 
 
-# -- report -----------------------------------------------------------------------------------
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from flows.cli_pipeline import context, emit, require_dataset
-
-    paths, cfg = context()
-    if args.version < 1:
-        raise UsageError(f"version must be >= 1, got {args.version}")
-    from flows.report import build_report
-    from tasks import registry
-    from tasks.report import ReportError, open_registry
-    from unlearning.progress import ProgressLine
-
-    try:  # an unknown version fails fast, before the dataset loads
-        client = open_registry(paths, cfg)
-        registry.version_info(client, cfg.registry.model_name, args.version)
-    except (ReportError, registry.RegistryError) as e:
-        raise UsageError(str(e)) from None
-    require_dataset(cfg)
-    bar = ProgressLine(f"report v{args.version}",
-                       enabled=False if args.json else None)  # None: only on a terminal
-    try:
-        result = build_report(paths, cfg, args.version, args.output, log=not args.no_log,
-                              progress=bar)
-    except ReportError as e:
-        raise UsageError(str(e)) from None
-    finally:
-        bar.close()
-    if args.json:
-        emit({k: v for k, v in result.items() if k != "data"})
-        return EXIT_OK
-    where = f"; logged to {result['artifact']}" if result["artifact"] else ""
-    verdict = "gates passed" if result["gates_passed"] else "gates failed"
-    print(f"{result['model']} version {args.version} ({verdict}): {result['path']} "
-          f"({result['bytes'] / 1024:.0f} KiB){where}")
-    return EXIT_OK
-
-
-# -- ui ---------------------------------------------------------------------------------------
-
-
 def port_free(port: int, host: str = HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -105,14 +52,12 @@ def port_free(port: int, host: str = HOST) -> bool:
             return False
     return True
 
-
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status == 200
     except (OSError, ValueError):
         return False
-
 
 @dataclass
 class Server:
@@ -160,13 +105,11 @@ class Server:
         except subprocess.TimeoutExpired:
             pass
 
-
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
 
 def _group_alive(pgid: int) -> bool:
     try:
@@ -176,7 +119,6 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
-
 
 def ui_servers(paths, cfg, mlflow_port: int, prefect_port: int,
                only: str | None = None) -> tuple[list[Server], dict[str, str]]:
@@ -214,7 +156,6 @@ def ui_servers(paths, cfg, mlflow_port: int, prefect_port: int,
                 url, f"{url}/api/health", logs / "prefect.log", env,
                 extra={"api": f"{url}/api"}))
     return servers, external
-
 
 def run_servers(servers: list[Server], announce: Callable[[], None], say: Callable[[str], None],
                 stop: threading.Event, timeout: float = START_TIMEOUT_S) -> None:
@@ -259,9 +200,9 @@ def run_servers(servers: list[Server], announce: Callable[[], None], say: Callab
         for t in threads:
             t.join()
 
-
 def cmd_ui(args: argparse.Namespace) -> int:
-    from flows.cli_pipeline import context, say
+    from .output import say
+    from .runtime import context
 
     paths, cfg = context()
     ports = {"--mlflow-port": args.mlflow_port, "--prefect-port": args.prefect_port}
@@ -286,7 +227,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     # Handled here, so the servers start with the default action for these signals: exec
     # resets a handled signal to SIG_DFL but keeps SIG_IGN, and a script's `&` starts us
-    # with SIGINT ignored (reference/stack.md §2). Installed before any server starts.
+    # with SIGINT ignored (a shell starts background jobs so). Installed before any server starts.
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, on_signal) for sig in handled}
 

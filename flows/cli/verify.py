@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flows.cli import EXIT_FAILED, EXIT_OK, Failure, UsageError, version_number
+from .arguments import version_number
+from .errors import EXIT_FAILED, EXIT_OK, Failure, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from flows.cli_pipeline import context, emit, require_dataset, say
+    from .output import emit, say
+    from .runtime import context, require_dataset
 
     paths, cfg = context()
     if paths.tracking_uri == paths.default_tracking_uri and not (

@@ -48,7 +48,7 @@ def plan_units(spec: Spec) -> list[Unit]:
 
 def _load(spec: Spec):
     """Dataset and pre-trained model, read from disk once per process."""
-    from unlearning.data import load_dataset
+    from unlearning.datasets import load_dataset
     from unlearning.models import load_checkpoint
 
     ckpt = Path(spec["checkpoint"])

@@ -7,30 +7,37 @@ halves of the whole training split (:func:`unlearning.privacy.train_shadows`), i
 the target. Then, per seed, ``k`` members are deleted by: retraining without them (the gold
 standard: they should score like non-members) and every registered unlearning method.
 
-Entry point: ``python -m unlearning.privacy`` (see :func:`unlearning.privacy.main`).
+Research code, not part of the pipeline: ``python benchmarks/privacy_study.py --out FILE
+--markdown FILE`` (a stage of ``benchmarks/dvc.yaml``). The markdown it writes holds the
+setting and the measured tables; what they mean is discussed in ``docs/privacy.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import privacy as P
-from .benchmark import forget_set_for, retrain_without
-from .data import load_dataset, sample_retain_ids
-from .methods import RetainSample, get_method, list_methods, unlearn
-from .metrics import mia_efficacy
-from .models import build_model, spec_for
-from .train import TrainConfig, accuracy, predict_logits, train_classifier
+from unlearning import privacy as P
+from unlearning.benchmark import forget_set_for, retrain_without
+from unlearning.datasets import load_dataset, sample_retain_ids
+from unlearning.methods import RetainSample, get_method, list_methods, unlearn
+from unlearning.metrics import mia_efficacy
+from unlearning.models import build_model, spec_for
+from unlearning.train import TrainConfig, accuracy, predict_logits, train_classifier
 
 Log = Callable[[str], None]
 # Registered methods left out by default (``--methods`` may still name them), and why.
@@ -273,133 +280,79 @@ def unlearning_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _unseen_note(summary: dict) -> str:
-    """The as-if-unseen verdict: its gap to retrain (DESIGN §5: mean absolute gap over forget
-    accuracy, test accuracy and the attack, here LiRA AUC in points)."""
-    gold = summary[("retrain (gold)", "")]
-    rows = [(m, e) for (m, o), e in summary.items() if o == "as-if-unseen"]
-    out = ""
-    for m, e in rows:
-        gaps = [abs(e[key][0] - gold[key][0]) for key in ("forget_acc", "test_acc")]
-        gaps.append(100 * abs(e["forget_auc"][0] - gold["forget_auc"][0]))
-        out += (f"- **{m} as-if-unseen**: LiRA AUC {e['forget_auc'][0]:.3f} against retrain's "
-                f"{gold['forget_auc'][0]:.3f} (two-sided {e['forget_auc_two_sided'][0]:.3f} vs "
-                f"{gold['forget_auc_two_sided'][0]:.3f}), forget accuracy "
-                f"{e['forget_acc'][0]:.1f}% vs {gold['forget_acc'][0]:.1f}%, test accuracy "
-                f"{e['test_acc'][0]:.1f}% vs {gold['test_acc'][0]:.1f}%: mean absolute gap to "
-                f"retrain {sum(gaps) / len(gaps):.2f} points. A batch is forgotten when its rows' mean "
-                "rank in their classes' held-out confidence, on the model itself, is at most "
-                "their mean level (each row's typicality next to held-out rows measured the "
-                "same way; `ForgetSet.build`, `unseen_levels`) plus one standard error "
-                "(`UNSEEN_TOLERANCE_Z`), so the rows hide among unseen data instead of "
-                "standing out by being wrong. Without that tolerance it scored 0.478 "
-                "(two-sided 0.550) here, closer to retrain, but pushed genuinely unseen "
-                "Fashion-MNIST batches under held-out data (10 rounds of 32: 5.1 pp lost "
-                "against 1.6 pp with it). Earlier definitions, measured here: each row under its nearest held-out neighbours' 0.25 quantile scored "
-                "0.504 but left memorised rows member-like next to their whole class "
-                "(`unlearning.metrics.membership_auc`, the release gate); every row under "
-                "evenly spread ranks re-read from the model scored 0.372 (two-sided 0.628); "
-                "every row under a typicality level fixed from the original model scored "
-                "0.460 (two-sided 0.540) but never finished 128 Fashion-MNIST rows in 800 "
-                "steps.\n")
-    return out
-
-
 def to_markdown(result: dict, command: str) -> str:
-    """The report page: setting, the attack on the original model, unlearning judged."""
-    c, st, sec = result["config"], result["setting"], result["seconds"]
-    summary = {(e["model"], e["objective"]): e for e in result["summary"]}
-    gold = summary[("retrain (gold)", "")]["forget_auc_two_sided"][0]
-    orig = summary[("original", "")]
-    two = lambda e: e["forget_auc_two_sided"][0]
-    label = lambda m, o, e: f"{m}{' ' + o if o else ''} ({two(e):.2f})"
-    stand_out = [label(m, o, e) for (m, o), e in summary.items() if two(e) >= gold + 0.10]
-    broken = [f"{m}{' ' + o if o else ''} (test acc {e['test_acc'][0]:.0f}%)"
-              for (m, o), e in summary.items()
-              if two(e) < gold + 0.10 and e["test_acc"][0] < orig["test_acc"][0] - 10]
-    lira = result["original_attacks"][0]
-    svc = result["original_attacks"][-1]
-    unseen_note = _unseen_note(summary)
+    """The generated page: the command, the machine, the setting and the measured tables."""
+    c, st, sec, m = result["config"], result["setting"], result["seconds"], result["machine"]
     skipped = "; ".join(f"`{k}`: {v}" for k, v in result["skipped"].items())
-    return f"""# Membership privacy of unlearning: LiRA on digits
+    return f"""# LiRA on {c['dataset']}: measured tables
 
 ```
 {command}
 ```
 
-Machine: {result['machine']['cpus']}-core CPU shared with other jobs, {result['machine']['torch_threads']} torch
-thread, Python {result['machine']['python']}, torch {result['machine']['torch']}. Wall time: target
-{sec['target']:.0f} s, {c['n_shadows']} shadows {sec['shadows']:.0f} s, whole run {sec['total']:.0f} s.
-Every number but the seconds is deterministic on one machine (fixed seeds, deterministic
-kernels; rows in `docs/bench/privacy-digits.json`); another CPU can move the last digits.
+Machine: {m['cpus']} CPUs, {m['torch_threads']} torch thread(s), Python {m['python']},
+torch {m['torch']}. Wall time: target {sec['target']:.0f} s, {c['n_shadows']} shadows
+{sec['shadows']:.0f} s, whole run {sec['total']:.0f} s.
 
-**Why.** On the pipeline's fashion-mnist model (small CNN, 5 epochs) the SalUn SVC MIA is at
-chance for every model, the original included, so it cannot tell a leaky model from a clean
-one. This page uses an attack that can fail, in a setting where membership is detectable.
+Setting: `{c['arch']}` trained for {c['epochs']} epochs on {st['members']} members (train
+accuracy {st['target_train_acc']:.1f}%, test accuracy {st['target_test_acc']:.1f}%),
+{st['nonmembers']} non-members; LiRA with {c['n_shadows']} shadows and a {st['variance']}
+variance; k = {c['k']} forget instances from the members, seeds
+{', '.join(map(str, c['seeds']))} (mean ± sd over seeds). Left out: {skipped}.
 
-**Setting (memorising).** Dataset `{c['dataset']}` (1,347 training digits, 8x8), model
-`{c['arch']}`. The target is trained with the project's recipe (`train_classifier`, SGD
-one-cycle lr {c['train']['lr']}, weight decay {c['train']['weight_decay']}, no augmentation;
-batches of about {c['train']['batch_size']} made equal in size, `privacy.even_batches`: a
-last batch of 2 rows spoils BatchNorm) for {c['epochs']} epochs on a seeded half of the
-training split: {st['members']} members (train accuracy {st['target_train_acc']:.1f}%, test
-accuracy {st['target_test_acc']:.1f}%); the other {st['nonmembers']} are the non-members.
-
-**Attack.** LiRA (Carlini et al., IEEE S&P 2022, `unlearning/privacy.py`): {c['n_shadows']}
-shadow models, same recipe, each on a random half of the 1,347 (every example IN for exactly
-{c['n_shadows'] // 2} shadows, OUT for the rest; shadows are independent of the target);
-phi = log(p/(1-p)) of the true class; per-example IN/OUT Gaussians with a {st['variance']}
-variance (few shadows); score = log-likelihood ratio (online) or -log Pr[Z > phi] under OUT
-(offline). Loss threshold = one global threshold on the loss (`metrics.loss_mia_auc`). SalUn
-SVC = `metrics.mia_efficacy` fitted on half of the members and half of the non-members,
-asked about the other halves.
-
-## 1. The attack on the original model (members vs non-members)
+## The attacks on the original model (members vs non-members)
 
 {original_table(result)}
-LiRA (online): AUC {lira['auc']:.3f}, TPR {lira['tpr_at_1pct_fpr']:.3f} at 1% FPR, i.e.
-{lira['tpr_at_1pct_fpr'] / 0.01:.1f}x the rate of a guess. The SalUn SVC: balanced accuracy
-{svc['balanced_accuracy']:.3f} (TPR {svc['tpr']:.3f} at FPR {svc['fpr']:.3f}); one threshold on
-the confidence cannot tell a member from an easy non-member, so its "MIA efficacy" on a
-forget set measures how confident the model is there, not membership.
+## Unlearning judged by the attack
 
-## 2. Unlearning judged by the attack
+{unlearning_table(result)}"""
 
-k = {c['k']} forget instances drawn from the members, seeds {', '.join(map(str, c['seeds']))}
-(mean ± sd over seeds). Per model: LiRA scores of the forget set against the
-{st['nonmembers']} non-members *of the same model*. **retrain (gold)** is the exact answer:
-the target's recipe and initialisation on the members minus the forget set; its forget set
-should look like non-members (AUC near 0.5). Methods: every registered one, forget set only
-unless the method requires a retain sample (then `+retain`: {c['retain_fraction']:.0%} of the
-members, disjoint from the forget set); method defaults, no tuning; relabel rows use the same
-forget set with random new labels. Left out: {skipped}.
 
-{unlearning_table(result)}
-How to read it:
+def main(argv: list[str] | None = None) -> int:
+    """The LiRA study: unlearning judged by a membership attack that can fail."""
+    ap = argparse.ArgumentParser(prog="privacy_study.py", description=main.__doc__)
+    ap.add_argument("--out", type=Path, help="write every row and the summary as JSON here")
+    ap.add_argument("--markdown", type=Path, help="write the report page here")
+    ap.add_argument("--shadows", type=int, default=StudyConfig.n_shadows)
+    ap.add_argument("--epochs", type=int, default=StudyConfig.epochs)
+    ap.add_argument("--k", type=int, default=StudyConfig.k)
+    ap.add_argument("--seeds", default="0,1,2", help="forget-set seeds, comma-separated")
+    ap.add_argument("--methods", help="comma-separated (default: every registered method but "
+                    + ", ".join(SKIPPED) + ")")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="no run: rewrite --markdown from a JSON written by --out")
+    args = ap.parse_args(argv)
+    if args.render:
+        if not args.markdown:
+            ap.error("--render needs --markdown")
+        result = json.loads(args.render.read_text())
+        args.markdown.write_text(to_markdown(result, result["command"]))
+        return 0
+    if args.threads < 1 or args.shadows < 4 or args.shadows % 2 or args.k < 1:
+        ap.error("--threads and --k must be >= 1, --shadows an even number >= 4")
+    try:
+        for name in (args.methods.split(",") if args.methods else []):
+            get_method(name)
+    except KeyError as e:
+        ap.error(str(e.args[0]))
+    torch.set_num_threads(args.threads)
+    cfg = StudyConfig(
+        n_shadows=args.shadows, epochs=args.epochs, k=args.k,
+        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        methods=tuple(args.methods.split(",")) if args.methods else None)
+    result = run_study(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(original_table(result))
+    print(unlearning_table(result))
+    command = "python benchmarks/privacy_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**result, "command": command}, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(to_markdown(result, command))
+    return 0
 
-- **LiRA AUC** < 0.5 means the forget set scores *below* the non-members: the model is less
-  confident on exactly those rows than on data it never saw. An attacker who knows that
-  deletions are done this way flips the threshold, so **two-sided** = max(AUC, 1 - AUC) is
-  how well the deleted rows can be picked out; retrain's value is the noise floor of
-  {c['k']} rows against {st['nonmembers']}.
-- **Forget sets that stand out** (two-sided AUC at least 0.10 above retrain's {gold:.2f}):
-  {', '.join(stand_out) if stand_out else 'none'}. A model that deliberately gets exactly the
-  deleted samples wrong reveals which ones were deleted: misclassify and relabel are
-  *correction* objectives, not privacy ones (DESIGN.md §1, `as-if-unseen`).
-{unseen_note}- **Resolution**: the original model (nothing deleted) scores {two(orig):.2f} on the same
-  forget sets, retrain {gold:.2f}: with {c['k']} rows per seed, two-sided AUCs closer to
-  retrain's than that gap cannot be told apart from it here.
-- **Close to retrain only because the model is broken** (test accuracy more than 10 points
-  below the original's): {', '.join(broken) if broken else 'none'}. When most predictions
-  move, the deleted rows hide among the rest; the pipeline's `max_test_drop` gate (3 points
-  in `params.yaml`) would stop such a release, not a privacy check.
-- **LiRA AUC kept members**: the members that were not deleted against the non-members; it
-  stays near the original's when the rest of the model is intact, and falls to 0.5 when a
-  method destroys the model (then nothing is a member of anything; see test acc).
-- **mean LiRA score** is in nats and heavy-tailed (a row pushed far past its boundary scores
-  in the hundreds), hence the median; **score − retrain** uses the mean.
-- **loss AUC (forget)** is the one-threshold loss attack on the same rows; **SVC MIA efficacy**
-  is SalUn's headline number (share of forget rows the SVC calls non-members; 100% is the
-  "best" value there, while retrain's value is the right target).
-- neggrad can diverge (infinite logits): phi is then clipped and the SVC is skipped (–).
-"""
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flows.cli import EXIT_FAILED, EXIT_OK, Failure, UsageError
+from .errors import EXIT_FAILED, EXIT_OK, Failure, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from flows.cli_pipeline import context, emit
+    from .output import emit
+    from .runtime import context
 
     paths, cfg = context()
     from tasks.audit import AuditError, audit

@@ -91,6 +91,9 @@ def register(sub) -> None:
                      help="log params, aggregated metrics and the outputs to the MLflow "
                           "experiment 'bench' of the project's tracking URI")
     out.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")
+    out.add_argument("--metrics", default=None, metavar="FILE",
+                     help="write the aggregated metrics (means per method, objective and k) "
+                          "as one flat JSON object, as DVC metrics")
     p.set_defaults(handler=cmd_bench)
 
 
@@ -117,7 +120,7 @@ def cmd_methods(args) -> int:
 
 
 def _check_bench_args(args) -> None:
-    from flows.cli import UsageError
+    from .errors import UsageError
 
     if not 0.0 <= args.retain_fraction <= 0.01:
         raise UsageError("--retain-fraction must be between 0 and 0.01 (at most 1% of train)")
@@ -142,10 +145,11 @@ def _check_bench_args(args) -> None:
 
 def _bench_model(args, ds):
     """(checkpoint path, model): the given checkpoint, the cached one, or pre-train and cache."""
-    from flows.cli import UsageError
     from unlearning.models import CheckpointError, load_checkpoint, save_checkpoint
     from unlearning.progress import ProgressLine
     from unlearning.train import pretrain
+
+    from .errors import UsageError
 
     epochs = args.epochs or (30 if ds.name == "digits" else 5)
     cache = Path(args.checkpoint or os.path.join(
@@ -173,8 +177,9 @@ def _bench_model(args, ds):
 def _check_methods_fit(methods: list[str], objectives: tuple[str, ...],
                       retain_fraction: float) -> None:
     """Refuse up front what would fail half-way through a sweep."""
-    from flows.cli import UsageError
     from unlearning.methods import get_method
+
+    from .errors import UsageError
 
     for m in methods:
         info = get_method(m)
@@ -192,7 +197,7 @@ def cmd_bench(args) -> int:
     import dataclasses
     import time
 
-    from flows.cli import UsageError
+    from .errors import UsageError
 
     _check_bench_args(args)
     if not args.serial:  # Prefect in the project's home, offline; before prefect is imported
@@ -201,7 +206,7 @@ def cmd_bench(args) -> int:
         configure_environment(Paths(find_home()))
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         if args.dask_address:
-            from flows.bench_flow import scheduler_problem
+            from flows.bench import scheduler_problem
 
             problem = scheduler_problem(args.dask_address)
             if problem:
@@ -210,7 +215,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from unlearning import benchmark as B
-    from unlearning.data import DatasetError, load_dataset
+    from unlearning.datasets import DatasetError, load_dataset
     from unlearning.models import ARCHITECTURES
     from unlearning.train import TrainConfig, accuracy
 
@@ -253,7 +258,7 @@ def cmd_bench(args) -> int:
         "train": dataclasses.asdict(TrainConfig(epochs=epochs, seed=0)),
         "threads": args.threads or (torch.get_num_threads() if args.serial else 1),
     }
-    from flows.bench_flow import run_bench
+    from flows.bench import run_bench
 
     started = time.time()
     rows, seconds = run_bench(spec, args.serial, args.workers, args.dask_address, args.quiet)
@@ -272,10 +277,16 @@ def _write_outputs(args, spec: dict, rows: list[dict], md: str, timing: dict) ->
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             Path(target).write_text(text)
             files.append(Path(target))
+    if args.metrics:
+        from flows.render.bench import aggregate_metrics
+
+        metrics = {**aggregate_metrics(rows), "runs": len(rows)}
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     if args.plots or args.mlflow:
         import tempfile
 
-        from flows import bench_report as R
+        from flows.render import bench as R
 
         folder = Path(args.plots) if args.plots else Path(tempfile.mkdtemp(prefix="bench-"))
         pngs = R.plot_continual(rows, folder) if args.rounds else R.plot_sweep(rows, folder)
@@ -303,7 +314,10 @@ def _write_outputs(args, spec: dict, rows: list[dict], md: str, timing: dict) ->
                       epochs=spec["train"]["epochs"], model=args.model,
                       runner="serial" if args.serial else args.dask_address or
                       f"local-dask-{args.workers}")
-        run_id = R.log_to_mlflow(paths.tracking_uri, paths.artifact_root, params, rows, files,
-                                 {"wall_seconds": timing["wall_seconds"], "runs": len(rows)})
-        print(f"# MLflow: experiment {R.EXPERIMENT!r}, run {run_id} ({paths.tracking_uri})",
+        from tasks.bench_log import EXPERIMENT, log_to_mlflow
+
+        metrics = {**R.aggregate_metrics(rows), "wall_seconds": timing["wall_seconds"],
+                   "runs": len(rows)}
+        run_id = log_to_mlflow(paths.tracking_uri, paths.artifact_root, params, metrics, files)
+        print(f"# MLflow: experiment {EXPERIMENT!r}, run {run_id} ({paths.tracking_uri})",
               file=sys.stderr)

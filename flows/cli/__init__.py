@@ -15,41 +15,22 @@ import importlib
 import os
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from .arguments import Parser
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Failure, UsageError
 
 # Modules that add subcommands: each has ``register(subparsers)``.
-COMMAND_MODULES = ("flows.cli_library", "flows.cli_pipeline", "flows.cli_report",
-                   "flows.cli_verify", "flows.cli_audit")
+COMMAND_MODULES = ("flows.cli.pipeline", "flows.cli.releases", "flows.cli.audit",
+                   "flows.cli.verify", "flows.cli.report", "flows.cli.ui", "flows.cli.library")
 
 
-MAX_VERSION = 2**31 - 1  # MLflow stores versions as 32-bit integers
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line on one line (no usage block) and exits 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def version_number(text: str) -> int:
-    """A model version on the command line: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_VERSION:
-        raise argparse.ArgumentTypeError(f"expected a version number (1, 2, ...), got "
-                                         f"{text[:40]!r}")
-    return value
 
 
-class UsageError(Exception):
-    """Bad arguments or input from outside: printed on one line, exit code 2."""
 
 
-class Failure(Exception):
-    """A validation or gate failure: printed on one line, exit code 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,28 @@
+"""Command-line parsing shared by the commands: a parser that fails on one line, and the
+argument types that check input from outside before anything runs."""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import EXIT_USAGE
+
+MAX_VERSION = 2**31 - 1  # MLflow stores versions as 32-bit integers
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line on one line (no usage block) and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+def version_number(text: str) -> int:
+    """A model version on the command line: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"expected a version number (1, 2, ...), got "
+                                         f"{text[:40]!r}")
+    return value

@@ -1,0 +1,100 @@
+"""Where a command runs: the state folder and its params.yaml, the dataset, and Prefect.
+
+Handlers import the heavy stack (torch, prefect, mlflow, great_expectations) themselves, after
+``configure_environment`` has pointed Prefect at the project's home and switched telemetry
+off, so ``unlearn --help`` stays fast and ``~/.prefect`` is never touched by surprise.
+Without a server, each command runs its flow on Prefect's temporary local server (about
+10 s to start in a fresh process). Prefect logs at WARNING unless PREFECT_LOGGING_LEVEL says
+otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from .errors import Failure, UsageError
+
+
+def context(check_ledger: bool = True):
+    """Resolve the state folder, prepare the environment, load params.yaml."""
+    from tasks.params import ParamsError, load_params
+    from tasks.paths import Paths, configure_environment, find_home
+
+    paths = Paths(find_home())
+    configure_environment(paths)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    try:
+        cfg = load_params(paths.params_file)
+    except ParamsError as e:
+        raise UsageError(str(e)) from None
+    if check_ledger and paths.ledger.exists():  # a damaged ledger stops here, before a flow
+        from tasks.ledger import Ledger, LedgerError
+
+        try:
+            Ledger(paths.ledger).close()
+        except LedgerError as e:
+            raise Failure(str(e)) from None
+    return paths, cfg
+
+def require_dataset(cfg) -> None:
+    """Load the dataset now (cached for the flows), so a missing one is a usage error."""
+    from tasks.release import dataset_of
+    from unlearning.datasets import DatasetError
+
+    try:
+        dataset_of(cfg)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+
+def temporary_server_dies_with_us() -> None:
+    """Without PREFECT_API_URL, start Prefect's temporary server now, from this thread, so
+    that the kernel stops it when this process dies, even by SIGKILL (Linux
+    ``PR_SET_PDEATHSIG``). Prefect would start the same server lazily, and a killed
+    ``unlearn`` would leave it running for ever. Elsewhere (or with a server): nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    import ctypes
+    import functools
+    import signal
+    import subprocess
+    import types
+
+    import prefect.server.api.server as prefect_server
+
+    server = prefect_server.SubprocessASGIServer()  # the one Prefect's clients look up
+    if server.running:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # runs in the child, before it execs the server
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(0)
+
+    real = prefect_server.subprocess
+    prefect_server.subprocess = types.SimpleNamespace(**{
+        **vars(subprocess), "Popen": functools.partial(subprocess.Popen,
+                                                       preexec_fn=die_with_parent)})
+    try:
+        server.start()
+    finally:
+        prefect_server.subprocess = real
+
+def run_flow(flow_fn, **kwargs: Any) -> dict[str, Any]:
+    """Call a flow; an unexpected error becomes a one-line failure (Prefect logged the
+    traceback; the ledger left every unfinished batch pending)."""
+    temporary_server_dies_with_us()
+    try:
+        return flow_fn(**kwargs)
+    except (UsageError, Failure):
+        raise
+    except Exception as e:  # noqa: BLE001  (any crash: one line; Prefect logged it)
+        raise Failure(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                      "(nothing half-applied: unfinished batches stay pending)") from None

@@ -1,0 +1,65 @@
+"""The bounded unlearning loop: every optimiser step goes through :class:`Context`, which
+counts steps against the budget and stops as soon as every objective holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..forget_set import ForgetSet
+from ..train import Progress
+
+
+@dataclass
+class UnlearnResult:
+    model: nn.Module
+    reached: bool
+    steps: int
+    seconds: float
+    satisfied: int
+    total: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# Steps between re-reads of the as-if-unseen targets from the model being unlearned.
+CEILING_REFRESH = 10
+
+
+class Context:
+    """Owns the optimiser step, the bound on steps and the early stop on the objective."""
+
+    def __init__(self, model: nn.Module, forget: ForgetSet, max_steps: int,
+                 generator: torch.Generator, progress: Progress | None):
+        self.model = model
+        self.forget = forget
+        self.max_steps = max_steps
+        self.g = generator
+        self.progress = progress
+        self.steps = 0
+        self.ceiling = forget.ceilings_for(model)  # as-if-unseen targets, refreshed as it goes
+        self.reached = bool(forget.satisfied_by(model).all())
+        self.info: dict[str, Any] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.reached or self.steps >= self.max_steps
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+        """One optimiser step, then the objective check. Returns True when the loop must end."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.steps += 1
+        phi_ref = None
+        if self.steps % CEILING_REFRESH == 0:  # one forward pass over the held-out reference
+            phi_ref = self.forget.reference_confidence(self.model)
+            self.ceiling = self.forget.ceilings_for(self.model, phi_ref)
+        ok = self.forget.satisfied_by(self.model, phi_ref)
+        self.reached = bool(ok.all())
+        if self.progress and (self.reached or self.steps % 10 == 0):
+            self.progress(self.steps, self.max_steps,
+                          f"satisfied {int(ok.sum())}/{len(ok)} loss {loss.item():.3f}")
+        return self.done

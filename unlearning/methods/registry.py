@@ -1,0 +1,116 @@
+"""The method registry and :func:`unlearn`, the one entry point.
+
+A method is a function ``(model, forget, config, retain, ctx) -> None`` that updates
+``model`` in place through ``ctx.step(loss)``; :func:`unlearn` copies the model first, bounds
+the loop, checks the objective after every step and stops as soon as it is met.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..forget_set import ForgetSet, RetainSample
+from ..train import Progress
+from .loop import Context, UnlearnResult
+
+MethodFn = Callable[[nn.Module, ForgetSet, Any, "RetainSample | None", Context], None]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    fn: MethodFn
+    config_cls: type
+    summary: str
+    needs_retain: bool = False
+    accepts_retain: bool = False
+    objectives: tuple[str, ...] = ("misclassify", "relabel")
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register(name: str, config_cls: type, summary: str, needs_retain: bool = False,
+             accepts_retain: bool = False,
+             objectives: tuple[str, ...] = ("misclassify", "relabel")):
+    def deco(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        _REGISTRY[name] = MethodInfo(name, fn, config_cls, summary, needs_retain,
+                                     accepts_retain or needs_retain, objectives)
+        return fn
+    return deco
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodInfo:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(list_methods())}")
+    return _REGISTRY[name]
+
+
+def make_config(name: str, params: dict[str, Any] | None = None):
+    """The method's config with ``params`` applied; unknown keys and wrong types are errors."""
+    cls = get_method(name).config_cls
+    params = dict(params or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) for {name}: {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(fields))}")
+    defaults = cls()
+    for key, value in params.items():
+        expected = type(getattr(defaults, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            params[key] = float(value)
+        elif not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+            raise ValueError(f"{name}.{key} must be {expected.__name__}, got {value!r}")
+    return dataclasses.replace(defaults, **params)
+
+
+def unlearn(
+    method: str,
+    model: nn.Module,
+    forget: ForgetSet,
+    params: dict[str, Any] | Any | None = None,
+    retain: RetainSample | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> UnlearnResult:
+    """Run ``method`` on a copy of ``model``; the original is never modified."""
+    info = get_method(method)
+    config: Any = params if dataclasses.is_dataclass(params) else make_config(method, params)
+    if info.needs_retain and retain is None:
+        raise ValueError(f"method {method!r} needs a retain sample")
+    if retain is not None and not info.accepts_retain:
+        raise ValueError(f"method {method!r} does not use a retain sample")
+    if bool(forget.is_unseen.any()) and "as-if-unseen" not in info.objectives:
+        raise ValueError(f"method {method!r} does not support the as-if-unseen objective "
+                         f"(it supports {', '.join(info.objectives)})")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    work = copy.deepcopy(model)
+    for p in work.parameters():
+        p.requires_grad_(True)
+    start = time.perf_counter()
+    ctx = Context(work, forget, int(config.max_steps), g, progress)
+    if not ctx.reached:
+        info.fn(work, forget, config, retain, ctx)
+    work.eval()
+    ok = forget.satisfied_by(work)
+    return UnlearnResult(
+        model=work, reached=bool(ok.all()), steps=ctx.steps,
+        seconds=time.perf_counter() - start, satisfied=int(ok.sum()), total=len(ok),
+        info=ctx.info,
+    )
