@@ -31,9 +31,13 @@ def _iso(ts: float | None) -> str | None:
 
 def find_requests(ledger: Ledger, ident: str) -> list[dict[str, Any]]:
     """Requests whose request_id is ``ident``; failing that, every request for the instance
-    id ``ident`` (an integer). Oldest batch first; empty when nothing matches."""
+    key ``ident`` (``train/cat/0001.png``), then for the instance id ``ident`` (an integer).
+    Oldest batch first; empty when nothing matches."""
     rows = ledger.requests()
     found = [r for r in rows if r["request_id"] is not None and str(r["request_id"]) == ident]
+    if not found:
+        found = [r for r in rows if r.get("instance_key") is not None
+                 and str(r["instance_key"]) == ident]
     if not found:
         try:
             instance = int(ident)
@@ -133,7 +137,8 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
         b = batches[r["batch_id"]]
         rec: dict[str, Any] = {
             "request_id": r["request_id"], "instance_id": r["instance_id"],
-            "objective": r["objective"], "new_label": r["new_label"],
+            "instance_key": r.get("instance_key"), "objective": r["objective"],
+            "new_label": r["new_label"],
             "requested": _iso(b.submitted), "batch_id": b.batch_id, "batch_state": b.state,
             "reason": b.reason, "updated": _iso(b.updated),
             "release": None, "in_champion_lineage": None, "live": None,

@@ -4,7 +4,10 @@
 besides ``params.yaml`` and the code::
 
     data/dataset/        the dataset's source files and dataset.json (name, file sha256s, and
-                         a fingerprint of the tensors the library loads from them)
+                         a fingerprint of the tensors the library loads from them). For the
+                         user's image folders and index files: index.csv (split, key, label,
+                         class, sha256 and path of every image) in place of the images,
+                         which stay where they are; a changed image changes the index
     data/deletions/      accepted deletion manifests, <batch_id>.csv (written by submit)
     data/releases.json   every registered release, oldest first: version, parent, batches.
                          A mirror of the ledger's releases table: the order ``dvc repro``
@@ -156,7 +159,11 @@ def _source_files(cfg: PipelineParams) -> dict[str, bytes | Path]:
 
 
 def fingerprint(dataset) -> str:
-    """sha256 of the tensors a dataset loads as (shapes, dtypes, values of both splits)."""
+    """sha256 of the tensors a dataset loads as (shapes, dtypes, values of both splits); for a
+    lazy file dataset, the digest of its index (no image is read: the index's per-image
+    sha256, in data/dataset/index.csv, pins the content)."""
+    if dataset.source_digest:
+        return str(dataset.source_digest)
     h = hashlib.sha256()
     for t in (dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y):
         a = t.contiguous().numpy()
@@ -216,6 +223,11 @@ def export_dataset(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
 
 
 def _source_note(cfg: PipelineParams, files: dict[str, bytes | Path]) -> str:
+    from unlearning.datasets.lazy import INDEX_FILE
+
+    if INDEX_FILE in files and isinstance(files[INDEX_FILE], bytes):
+        return (f"images not copied: {cfg.dataset.data_dir} ({INDEX_FILE} records each "
+                "image's key, label, split and sha256)")
     copied = [c for c in files.values() if isinstance(c, Path)]
     if copied:
         return f"copied from {copied[0].parent}"
@@ -258,16 +270,32 @@ def tracked_dataset(paths: Paths, cfg: PipelineParams) -> PipelineParams:
         if _sha256(path) != sha:
             raise DataTrackingError(f"{rel}/{fname} differs from {DATASET_META} (sha256 "
                                     f"{_sha256(path)[:12]}, recorded {sha[:12]})")
+    from unlearning.datasets import DatasetError
+    from unlearning.datasets.lazy import INDEX_FILE, index_changes
+
     load = cfg
-    files = _source_files(cfg)
+    try:  # an image folder's index: every image is read and hashed again
+        files = _source_files(cfg)
+    except DatasetError as e:
+        raise DataTrackingError(f"{e} (recorded in {rel}/{INDEX_FILE})") from None
     exported = {f: c for f, c in files.items() if isinstance(c, bytes)}
     for fname, content in exported.items():
-        if (paths.dataset_dir / fname).read_bytes() != content:
+        tracked = (paths.dataset_dir / fname).read_bytes()
+        if tracked != content:
+            changes = index_changes(tracked, content) if fname == INDEX_FILE else []
+            if changes:
+                more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+                raise DataTrackingError(f"{changes[0]}{more}: the {cfg.dataset.name} at "
+                                        f"{cfg.dataset.data_dir} is not the data recorded in "
+                                        f"{rel}/{fname}")
             raise DataTrackingError(f"{rel}/{fname} is not what the {cfg.dataset.name} loader "
                                     "exports")
     if meta.get("files") and not exported:  # the user's files: load the tracked copy
         load = cfg.with_overrides("dataset", data_dir=str(paths.dataset_dir))
-    found = fingerprint(dataset_of(load))
+    try:
+        found = fingerprint(dataset_of(load))
+    except DatasetError as e:
+        raise DataTrackingError(str(e)) from None
     if found != meta.get("fingerprint"):
         raise DataTrackingError(f"the {cfg.dataset.name} data the library loads (fingerprint "
                                 f"{found[:12]}) is not the data recorded in {rel}/{DATASET_META}")

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS requests (
     instance_id INTEGER,
     objective   TEXT,
     new_label   INTEGER,
+    instance_key TEXT,
     PRIMARY KEY (batch_id, row)
 );
 CREATE TABLE IF NOT EXISTS releases (
@@ -110,6 +111,9 @@ class Ledger:
                 if not columns <= found:
                     raise sqlite3.DatabaseError(f"table {table} lacks "
                                                 f"{', '.join(sorted(columns - found))}")
+            # instance keys came later: a ledger from before gets the column (NULL: by id)
+            if "instance_key" not in {r[1] for r in self.db.execute("PRAGMA table_info(requests)")}:
+                self.db.execute("ALTER TABLE requests ADD COLUMN instance_key TEXT")
         except sqlite3.Error as e:
             self.db.close()
             raise LedgerError(f"the ledger {self.path} is damaged or not a ledger ({e}); "
@@ -153,9 +157,11 @@ class Ledger:
                  json.dumps(report) if report is not None else None),
             )
             db.executemany(
-                "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO requests (batch_id, row, request_id, instance_id, objective, "
+                "new_label, instance_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(batch_id, i + 1, r.get("request_id"), r.get("instance_id"),
-                  r.get("objective"), r.get("new_label")) for i, r in enumerate(rows)],
+                  r.get("objective"), r.get("new_label"), r.get("instance_key"))
+                 for i, r in enumerate(rows)],
             )
 
     def set_state(self, batch_id: str, state: str, version: int | None = None,

@@ -34,6 +34,11 @@ class _Section(BaseModel):
 class DatasetParams(_Section):
     name: str = "digits"
     data_dir: str = ""  # empty: the dataset's default location
+    # image-folder / index-file only: resize every image to a square of this side (0: keep
+    # the files' size, which must then be one for all), and channels (0: 1 for grayscale
+    # files, 3 otherwise)
+    image_size: int = Field(default=0, ge=0, le=4096)
+    channels: int = Field(default=0, ge=0, le=3)
 
     @field_validator("name")
     @classmethod
@@ -44,6 +49,13 @@ class DatasetParams(_Section):
             raise ValueError(f"unknown dataset {name!r}; choose one of "
                              f"{', '.join(list_datasets())}")
         return name
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, channels: int) -> int:
+        if channels not in (0, 1, 3):
+            raise ValueError(f"must be 1, 3 or 0 (from the images), got {channels}")
+        return channels
 
 
 class PretrainParams(_Section):

@@ -21,18 +21,22 @@ from .params import PipelineParams
 from .paths import PACKAGE_ROOT, Paths
 
 MANIFEST_FIELDS = ("request_id", "instance_id", "objective", "new_label")
+# a batch named by keys keeps them next to the ids they stood for when it was accepted
+KEYED_MANIFEST_FIELDS = ("request_id", "instance_id", "instance_key", "objective", "new_label")
 
 
 @functools.lru_cache(maxsize=2)
-def load_data(name: str, data_dir: str = ""):
-    """The dataset (cached per process: every task of a run reads the same one)."""
+def load_data(name: str, data_dir: str = "", image_size: int = 0, channels: int = 0):
+    """The dataset (cached per process: every task of a run reads the same one; a file
+    dataset holds only its index, its images are read on access)."""
     from unlearning.datasets import load_dataset
 
-    return load_dataset(name, data_dir or None)
+    return load_dataset(name, data_dir or None, image_size=image_size, channels=channels)
 
 
 def dataset_of(cfg: PipelineParams):
-    return load_data(cfg.dataset.name, cfg.dataset.data_dir)
+    d = cfg.dataset
+    return load_data(d.name, d.data_dir, d.image_size, d.channels)
 
 
 def batch_seed(base_seed: int, batch_id: str) -> int:
@@ -42,23 +46,45 @@ def batch_seed(base_seed: int, batch_id: str) -> int:
 
 
 def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
-    """The accepted manifest in canonical CSV form (atomic)."""
+    """The accepted manifest in canonical CSV form (atomic); with an ``instance_key`` column
+    when its rows name instances by key."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    fields = KEYED_MANIFEST_FIELDS if any(r.get("instance_key") for r in rows) else MANIFEST_FIELDS
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: "" if r[k] is None else r[k] for k in MANIFEST_FIELDS})
+            writer.writerow({k: "" if r.get(k) is None else r[k] for k in fields})
     tmp.replace(path)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
+    """An accepted manifest's rows; ``instance_key`` is None for a batch named by ids."""
     with open(path, newline="") as f:
         return [{"request_id": r["request_id"], "instance_id": int(r["instance_id"]),
+                 "instance_key": r.get("instance_key") or None,
                  "objective": r["objective"],
                  "new_label": int(r["new_label"]) if r["new_label"] else None}
                 for r in csv.DictReader(f)]
+
+
+def check_keys(dataset, rows: list[dict[str, Any]]) -> None:
+    """Refuse rows whose key no longer names the instance id it was accepted as (the
+    dataset's files changed since: another image would be deleted in its place)."""
+    from unlearning.datasets import DatasetError
+
+    for r in rows:
+        key = r.get("instance_key")
+        if key is None:
+            continue
+        found = dataset.key_ids.get(key)
+        if found != r["instance_id"]:
+            now = "is not in the training split" if found is None else f"is instance id {found}"
+            raise DatasetError(
+                f"request {r['request_id']}: instance key {key!r} was instance id "
+                f"{r['instance_id']} when accepted but {now} now: the dataset changed since "
+                "(data/dataset/index.csv records it as it was)")
 
 
 def build_forget_set(dataset, rows: list[dict[str, Any]], parent=None):
@@ -75,6 +101,7 @@ def build_forget_set(dataset, rows: list[dict[str, Any]], parent=None):
         return None
     ids = [r["instance_id"] for r in rows]
     idx = dataset.check_ids(ids)
+    check_keys(dataset, rows)
     unseen = any(r["objective"] == "as-if-unseen" for r in rows)
     if unseen and parent is None:
         raise ValueError("as-if-unseen rows need the parent model for their ceilings")
@@ -82,7 +109,7 @@ def build_forget_set(dataset, rows: list[dict[str, Any]], parent=None):
                            [r["objective"] for r in rows], [r["new_label"] for r in rows],
                            num_classes=dataset.num_classes, ids=ids,
                            model=parent if unseen else None,
-                           heldout=(dataset.test_x, dataset.test_y) if unseen else None)
+                           heldout=dataset.heldout() if unseen else None)
 
 
 def forget_set(paths: Paths, cfg: PipelineParams, batch_ids: list[str], parent=None):
@@ -171,6 +198,7 @@ def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any]
     metrics.json beside the candidate)."""
     import torch
 
+    from unlearning.datasets.core import take
     from unlearning.metrics import evaluate_unlearning, loss_mia_auc, membership_auc, mia_efficacy
     from unlearning.models import load_checkpoint
 
@@ -186,12 +214,12 @@ def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any]
     metrics["unseen_membership_auc"] = metrics["unseen_membership_z"] = None
     if bool(unseen.any()):  # the as-if-unseen gate's evidence, whatever evaluate.mia says
         auc, z = membership_auc(model, (current.x[unseen], current.y[unseen]),
-                                (data.test_x, data.test_y))
+                                data.heldout())
         metrics.update(unseen_membership_auc=auc, unseen_membership_z=z)
     if cfg.evaluate.mia:
         deleted = set(current.ids) | set(before.ids if before is not None else ())
         keep = torch.tensor([i for i in range(data.num_train) if i not in deleted])
-        retain = (data.train_x[keep], data.train_y[keep])
+        retain = (take(data.train_x, keep), data.train_y[keep])  # lazy: only a sample is read
         n = cfg.evaluate.mia_max_per_side
         metrics["mia_efficacy"] = mia_efficacy(model, retain, (data.test_x, data.test_y),
                                                (current.x, current.y), max_per_side=n)

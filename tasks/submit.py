@@ -77,6 +77,7 @@ def validation_context(cfg: PipelineParams, ledger: Ledger, image_shape: tuple[i
         supported_objectives=tuple(get_method(cfg.unlearn.method).objectives),
         claimed_instances=frozenset(ledger.claimed_instances(exclude_batch)),
         claimed_request_ids=frozenset(ledger.claimed_request_ids(exclude_batch)),
+        train_keys=data.key_ids,
     )
 
 
@@ -101,8 +102,9 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
     blob = manifest_bytes(manifest)  # read once: what is hashed is what is validated
     raw = parse_manifest(blob, manifest)
     digest = hashlib.sha256(blob).hexdigest()
+    keys = dataset_of(cfg).key_ids  # a keyed manifest's ids: its keys' positions
     with file_lock(paths.artifacts / "submit.lock"), Ledger(paths.ledger) as ledger:
-        same = ledger.same_batch(typed_rows(raw))
+        same = ledger.same_batch(typed_rows(raw, keys))
         if same is not None:
             return {"batch_id": same.batch_id, "state": same.state, "rows": same.rows,
                     "duplicate": True, "reason": None, "failures": [], "report": None,
@@ -114,7 +116,7 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
         report = validate_manifest(raw, ctx, images_of(cfg))
         report_path = paths.artifacts / "validation" / f"{batch_id}.json"
         _save_report(report_path, batch_id, report)
-        rows = typed_rows(raw)
+        rows = typed_rows(raw, keys)
         summary = {"success": report["success"], "failures": report["failures"],
                    "report": str(report_path)}
         if report["success"]:
@@ -152,13 +154,18 @@ def revalidate(paths: Paths, cfg: PipelineParams, batch_id: str,
     """Validate an accepted batch again, against the state it is about to be applied to."""
     import pandas as pd
 
+    from .validation import COLUMNS, KEY_COLUMNS
+
     rows = read_rows(paths.manifest(batch_id))
+    by_key = any(r["instance_key"] for r in rows)  # validated by key, as it was submitted
     raw = pd.DataFrame(
-        [{k: None if v is None else str(v) for k, v in r.items()} for r in rows]
+        [{k: None if r[k] is None else str(r[k]) for k in (KEY_COLUMNS if by_key else COLUMNS)}
+         for r in rows], columns=list(KEY_COLUMNS if by_key else COLUMNS)
     ).astype(object)
     with Ledger(paths.ledger) as ledger:
         ctx = validation_context(cfg, ledger, image_shape, exclude_batch=batch_id)
-    report = validate_manifest(raw, ctx, images_of(cfg))
+    report = validate_manifest(raw, ctx, images_of(cfg),
+                               accepted_ids=[r["instance_id"] for r in rows] if by_key else None)
     report_path = paths.batch_dir(batch_id) / "validation.json"
     _save_report(report_path, batch_id, report)
     return {"success": report["success"], "failures": report["failures"],

@@ -4,11 +4,13 @@ context (nothing written to disk, progress bars off).
 A manifest is checked in four stages; a stage runs only when the one before it passed,
 because its rules read what the earlier stage guarantees (columns exist, values parse):
 
-1. ``manifest_columns``  the columns are exactly request_id, instance_id, objective, new_label;
+1. ``manifest_columns``  the columns are exactly request_id, instance_id, objective, new_label
+                         (or instance_key in place of instance_id);
 2. ``manifest_schema``   non-empty, within the batch size limit, ids present, request ids
                          printable and at most 128 characters, integers where
-                         integers belong;
-3. ``manifest_rules``    uniqueness, ids in the training split and not already
+                         integers belong, keys printable and inside the dataset root
+                         (no absolute path, no ``..``);
+3. ``manifest_rules``    uniqueness, ids (keys) in the training split and not already
                          deleted, objective allowed and supported by the configured
                          method, new_label only for relabel, in range and
                          different from the current label;
@@ -28,6 +30,7 @@ import json
 import math
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,12 @@ from typing import Any
 import pandas as pd
 
 COLUMNS = ("request_id", "instance_id", "objective", "new_label")
+# a manifest may name instances by key (a file dataset's image path or id) instead of by id
+KEY_COLUMNS = ("request_id", "instance_key", "objective", "new_label")
+# printable, bounded (pandas' Arrow strings match with RE2: repetitions up to 1000)
+INSTANCE_KEY = r"^[^\x00-\x1f\x7f]{1,1000}$"
+# a key is a path inside the dataset root: not absolute, no ``..`` component
+KEY_OUTSIDE_ROOT = r"^[/\\]|^[A-Za-z]:|(?:^|[/\\])\.\.(?:[/\\]|$)"
 OBJECTIVES = ("misclassify", "relabel", "as-if-unseen")
 INTEGER = r"^-?[0-9]{1,18}$"  # fits int64 (SQLite, pandas): longer digit strings are not ids
 # request ids: printable (no control characters: they reach terminals and logs), bounded
@@ -62,6 +71,8 @@ class ValidationContext:
     supported_objectives: tuple[str, ...] = OBJECTIVES  # those params.yaml's method can do
     claimed_instances: frozenset[int] = field(default_factory=frozenset)
     claimed_request_ids: frozenset[str] = field(default_factory=frozenset)
+    # {instance key: instance id} of the training split (file datasets; empty: no keys)
+    train_keys: Mapping[str, int] = field(default_factory=dict)
 
 
 def manifest_bytes(path: str | Path) -> bytes:
@@ -176,37 +187,50 @@ def _as_text(value: Any) -> str | None:
     return text or None
 
 
-def typed_rows(raw: pd.DataFrame) -> list[dict[str, Any]]:
-    """Rows with integer ids (None where absent or unparsable), for the ledger."""
+def keyed(raw: pd.DataFrame) -> bool:
+    """Whether a manifest names its instances by ``instance_key`` (not ``instance_id``)."""
+    return "instance_key" in raw.columns and "instance_id" not in raw.columns
+
+
+def typed_rows(raw: pd.DataFrame, train_keys: Mapping[str, int] | None = None
+               ) -> list[dict[str, Any]]:
+    """Rows with integer ids (None where absent or unparsable), for the ledger; a keyed
+    manifest's ids are its keys' instance ids in ``train_keys`` (None where unknown)."""
 
     def as_int(v: Any) -> int | None:
         return int(v) if isinstance(v, str) and re.fullmatch(INTEGER, v) else None
 
-    return [
-        {
+    by_key = keyed(raw)
+    rows = []
+    for row in raw.to_dict("records"):
+        key = row.get("instance_key") if by_key else None
+        rows.append({
             "request_id": row.get("request_id"),
-            "instance_id": as_int(row.get("instance_id")),
+            "instance_id": (train_keys or {}).get(key) if by_key and key is not None
+            else None if by_key else as_int(row.get("instance_id")),
             "objective": row.get("objective"),
             "new_label": as_int(row.get("new_label")),
-        }
-        for row in raw.to_dict("records")
-    ]
+        })
+        if by_key:
+            rows[-1]["instance_key"] = key
+    return rows
 
 
 # -- suites -----------------------------------------------------------------------------------
 
 
-def _columns_suite() -> list:
+def _columns_suite(by_key: bool = False) -> list:
     import great_expectations.expectations as gxe
 
-    return [gxe.ExpectTableColumnsToMatchSet(column_set=list(COLUMNS), exact_match=True,
+    columns = KEY_COLUMNS if by_key else COLUMNS
+    return [gxe.ExpectTableColumnsToMatchSet(column_set=list(columns), exact_match=True,
                                              meta={"rule": "columns"})]  # schema drift
 
 
-def _schema_suite(ctx: ValidationContext) -> list:
+def _schema_suite(ctx: ValidationContext, by_key: bool = False) -> list:
     import great_expectations.expectations as gxe
 
-    return [
+    suite = [
         gxe.ExpectTableRowCountToBeBetween(min_value=1, meta={"rule": "non_empty"}),
         # a bounded batch: one deletion batch must stay reviewable and cheap to unlearn
         gxe.ExpectTableRowCountToBeBetween(max_value=ctx.max_batch_size,
@@ -223,14 +247,45 @@ def _schema_suite(ctx: ValidationContext) -> list:
         gxe.ExpectColumnValuesToMatchRegex(column="new_label", regex=INTEGER,
                                            meta={"rule": "new_label_integer"}),
     ]
+    if not by_key:
+        return suite
+    by_id = ("instance_id_present", "instance_id_integer")
+    return [e for e in suite if e.meta["rule"] not in by_id] + [
+        gxe.ExpectColumnValuesToNotBeNull(column="instance_key",
+                                          meta={"rule": "instance_key_present"}),
+        gxe.ExpectColumnValuesToMatchRegex(column="instance_key", regex=INSTANCE_KEY,
+                                           meta={"rule": "instance_key_format"}),
+        # a key names a file inside the dataset root: no absolute path, no ``..``
+        gxe.ExpectColumnValuesToNotMatchRegex(column="instance_key", regex=KEY_OUTSIDE_ROOT,
+                                              meta={"rule": "instance_key_inside_dataset"}),
+    ]
 
 
-def _rules_suite(ctx: ValidationContext) -> list:
+def _key_rules(moved: bool) -> list:
+    """A keyed manifest's rules on its instances (in place of the id rules): keys unique,
+    training instances, not already deleted, and (revalidating an accepted batch) still the
+    instance ids they were accepted as."""
+    import great_expectations.expectations as gxe
+
+    rules = [
+        gxe.ExpectColumnValuesToBeUnique(column="instance_key",
+                                         meta={"rule": "unique_instance_key"}),
+        gxe.ExpectColumnValuesToBeNull(column="unknown_key",
+                                       meta={"rule": "instance_key_in_training_split"}),
+        gxe.ExpectColumnValuesToBeNull(column="deleted_key", meta={"rule": "not_already_deleted"}),
+    ]
+    if moved:
+        rules.append(gxe.ExpectColumnValuesToBeNull(column="moved_key",
+                                                    meta={"rule": "instance_key_unchanged"}))
+    return rules
+
+
+def _rules_suite(ctx: ValidationContext, by_key: bool = False, moved: bool = False) -> list:
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
     relabel = Column("objective") == "relabel"
-    return [
+    suite = [
         # duplicate requests would be applied (and audited) twice
         gxe.ExpectColumnValuesToBeUnique(column="request_id", meta={"rule": "unique_request_id"}),
         gxe.ExpectColumnValuesToNotBeInSet(column="request_id",
@@ -266,6 +321,11 @@ def _rules_suite(ctx: ValidationContext) -> list:
         gxe.ExpectColumnValuesToBeNull(column="unchanged_label", row_condition=relabel,
                                        meta={"rule": "new_label_differs"}),
     ]
+    if not by_key:
+        return suite
+    by_id = ("unique_instance_id", "instance_in_training_split", "not_already_deleted")
+    rest = [e for e in suite if e.meta["rule"] not in by_id]
+    return rest[:2] + _key_rules(moved) + rest[2:]  # after the request-id rules, as by id
 
 
 def _images_suite(ctx: ValidationContext) -> list:
@@ -287,17 +347,40 @@ def _images_suite(ctx: ValidationContext) -> list:
 # -- frames -----------------------------------------------------------------------------------
 
 
-def _typed_frame(raw: pd.DataFrame, ctx: ValidationContext) -> pd.DataFrame:
+def _typed_frame(raw: pd.DataFrame, ctx: ValidationContext,
+                 accepted_ids: list[int] | None = None) -> pd.DataFrame:
     frame = raw.copy()
-    frame["instance_id"] = pd.array([int(v) for v in raw["instance_id"]], dtype="Int64")
+    if keyed(raw):
+        frame = frame.join(_key_columns(list(raw["instance_key"]), ctx, accepted_ids))
+    else:
+        frame["instance_id"] = pd.array([int(v) for v in raw["instance_id"]], dtype="Int64")
     frame["new_label"] = pd.array([None if pd.isna(v) else int(v) for v in raw["new_label"]],
                                   dtype="Int64")
-    current = [ctx.train_labels[i] if 0 <= i < ctx.num_train else None
+    current = [None if pd.isna(i) else ctx.train_labels[i] if 0 <= i < ctx.num_train else None
                for i in frame["instance_id"]]
     frame["current_label"] = pd.array(current, dtype="Int64")
     same = (frame["new_label"] == frame["current_label"]).fillna(False).astype(bool)
     frame["unchanged_label"] = frame["new_label"].where(same)  # the label, where it would not move
     return frame
+
+
+def _key_columns(keys: list[str | None], ctx: ValidationContext,
+                 accepted_ids: list[int] | None) -> pd.DataFrame:
+    """Per row of a keyed manifest: its instance id, and its key where a rule fails on it
+    (unknown, already claimed, or not the id it was accepted as)."""
+    ids = [None if k is None else ctx.train_keys.get(k) for k in keys]
+    col = lambda values: pd.Series(values, dtype=object, index=range(len(keys)))
+    columns = {
+        "instance_id": pd.Series(pd.array(ids, dtype="Int64"), index=range(len(keys))),
+        "unknown_key": col([k if k is not None and i is None else None
+                            for k, i in zip(keys, ids)]),
+        "deleted_key": col([k if i is not None and i in ctx.claimed_instances else None
+                            for k, i in zip(keys, ids)]),
+    }
+    if accepted_ids is not None:
+        columns["moved_key"] = col([k if i is not None and i != a else None
+                                    for k, i, a in zip(keys, ids, accepted_ids)])
+    return pd.DataFrame(columns)
 
 
 def image_frame(ids: list[int], images: Any) -> pd.DataFrame:
@@ -375,16 +458,22 @@ def _jsonable(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else str(v)
 
 
-def validate_manifest(raw: pd.DataFrame, ctx: ValidationContext, images_of=None) -> dict:
+def validate_manifest(raw: pd.DataFrame, ctx: ValidationContext, images_of=None,
+                      accepted_ids: list[int] | None = None) -> dict:
     """Run the stages in order; return ``{"success", "failures", "suites", "rows"}``.
 
     ``images_of(ids) -> (N, C, H, W) tensor`` gives the forget images (stage 4); without it
-    that stage is skipped.
+    that stage is skipped. A manifest with an ``instance_key`` column (and no
+    ``instance_id``) names instances by key (``ctx.train_keys``); ``accepted_ids``, the ids
+    its keys stood for when the batch was accepted, must still be theirs.
     """
+    by_key = keyed(raw)
+    moved = by_key and accepted_ids is not None
     stages: list[tuple[str, Any]] = [
-        ("manifest_columns", lambda: (raw, _columns_suite())),
-        ("manifest_schema", lambda: (raw, _schema_suite(ctx))),
-        ("manifest_rules", lambda: (_typed_frame(raw, ctx), _rules_suite(ctx))),
+        ("manifest_columns", lambda: (raw, _columns_suite(by_key))),
+        ("manifest_schema", lambda: (raw, _schema_suite(ctx, by_key))),
+        ("manifest_rules", lambda: (_typed_frame(raw, ctx, accepted_ids if moved else None),
+                                    _rules_suite(ctx, by_key, moved))),
     ]
     if images_of is not None:
         stages.append(("forget_images", lambda: _images_stage(raw, images_of, ctx)))
@@ -399,7 +488,8 @@ def validate_manifest(raw: pd.DataFrame, ctx: ValidationContext, images_of=None)
 
 
 def _images_stage(raw: pd.DataFrame, images_of, ctx: ValidationContext):
-    ids = [int(v) for v in raw["instance_id"]]
+    ids = ([ctx.train_keys[k] for k in raw["instance_key"]] if keyed(raw)
+           else [int(v) for v in raw["instance_id"]])
     return image_frame(ids, images_of(ids)), _images_suite(ctx)
 
 

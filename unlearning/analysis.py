@@ -36,6 +36,7 @@ def forget_rows(parent, model, forget, requests: list[dict[str, Any]]) -> list[d
         label = int(forget.y[i])
         rows.append({
             "instance_id": int(req["instance_id"]), "request_id": req["request_id"],
+            "instance_key": req.get("instance_key"),
             "objective": req["objective"], "label": label,
             "new_label": None if req.get("new_label") is None else int(req["new_label"]),
             "before_pred": None if p_pred is None else int(p_pred[i]),

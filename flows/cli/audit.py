@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "instance id) to its release, and check the champion "
                                      "still honours it")
     p.add_argument("ident", metavar="REQUEST_ID|INSTANCE_ID",
-                   help="a request id from a manifest, or an integer instance id")
+                   help="a request id from a manifest, an instance key (an image's path "
+                        "in its folder, or its index-file id) or an integer instance id")
     p.add_argument("--json", action="store_true", help="print the audit as one JSON object")
     p.set_defaults(handler=cmd_audit)
 
@@ -58,7 +59,8 @@ def render(result: dict[str, Any]) -> str:
     for r in result["requests"]:
         target = f" -> new label {r['new_label']}" if r["objective"] == "relabel" else ""
         lines.append("")
-        lines.append(f"request {r['request_id']}  instance {r['instance_id']}  "
+        key = f" ({r['instance_key']})" if r.get("instance_key") else ""
+        lines.append(f"request {r['request_id']}  instance {r['instance_id']}{key}  "
                      f"{r['objective']}{target}")
         lines.append(f"  requested  {r['requested']}  (batch {r['batch_id']})")
         state = r["batch_state"]

@@ -263,7 +263,10 @@ def _forget_html(r) -> str:
               f'{"met" if f["objective_met"] else "not met"}</span>'
         rows.append(
             f"<tr><td>{_img(image_png(f['image']), 'instance ' + str(f['instance_id']))}</td>"
-            f'<td class="num">{f["instance_id"]}</td><td>{_e(f["request_id"])}</td>'
+            f'<td class="num">{f["instance_id"]}'
+            + (f'<br><span class="note">{_e(f["instance_key"])}</span>'
+               if f.get("instance_key") else "")
+            + f'</td><td>{_e(f["request_id"])}</td>'
             f"<td>{goal}</td><td>{_e(names[f['label']])}</td>"
             f"{_conf_cell(f['before_pred'], f['before_conf'], names, True)}"
             f"{_conf_cell(f['after_pred'], f['after_conf'], names, False)}"

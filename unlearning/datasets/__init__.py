@@ -1,11 +1,11 @@
 """Datasets behind one registry; importing this package registers them all.
 
 Nothing here downloads: ``digits`` ships with scikit-learn, ``fashion-mnist`` is read from
-IDX files (Debian's ``dataset-fashion-mnist`` by default), CIFAR and image folders are read
-from files the user already has.
+IDX files (Debian's ``dataset-fashion-mnist`` by default), CIFAR, image folders and index
+files are read from files the user already has (the last two lazily: ``lazy.py``).
 """
 
-from . import cifar, digits, fashion_mnist, image_folder  # noqa: F401  (registration)
+from . import cifar, digits, fashion_mnist, image_folder, index_file  # noqa: F401  (registration)
 from .core import (
     DatasetError,
     ImageDataset,

@@ -1,13 +1,17 @@
 """What every dataset is: train and test tensors with stable instance ids, and sampling.
 
-Every dataset is held as float tensors in [0, 1] with shape (N, C, H, W); the instance id of
-a training example is its integer index in the training split, and that meaning never
-changes for a given dataset name. Normalisation is not applied here: it lives inside the
-model (see ``models.Normalize``) so attacks work in pixel space.
+Every dataset is held as float images in [0, 1] with shape (N, C, H, W): tensors for the
+bundled datasets, ``lazy.LazyImages`` (decoded from files on access, indexable the same way)
+for the user's image folders and index files. The instance id of a training example is its
+integer index in the training split, and that meaning never changes for a given dataset;
+file datasets also name each training image by a key (``train_keys``). Normalisation is not
+applied here: it lives inside the model (see ``models.Normalize``) so attacks work in pixel
+space.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +33,10 @@ class ImageDataset:
     test_y: torch.Tensor
     num_classes: int
     class_names: tuple[str, ...]
+    # file datasets: the key of each training instance (index = instance id), and the sha256
+    # of their index (keys, labels, files), which pins them without reading every image
+    train_keys: tuple[str, ...] | None = None
+    source_digest: str | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -38,10 +46,52 @@ class ImageDataset:
     def num_train(self) -> int:
         return int(self.train_x.shape[0])
 
+    @property
+    def lazy(self) -> bool:
+        """True when the images are read from files on access (not tensors in memory)."""
+        return not torch.is_tensor(self.train_x)
+
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images (for the model's Normalize)."""
+        if self.lazy:  # streamed, a batch of files at a time
+            c = self.image_shape[0]
+            total, squares, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+            for xb in self.train_x.batches():  # type: ignore[attr-defined]
+                flat = xb.transpose(0, 1).reshape(c, -1).double()
+                total += flat.sum(1)
+                squares += (flat * flat).sum(1)
+                n += flat.shape[1]
+            mean = total / n
+            var = (squares - n * mean * mean) / max(n - 1, 1)
+            return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
         x = self.train_x.transpose(0, 1).reshape(self.train_x.shape[1], -1)
         return x.mean(1).tolist(), x.std(1).clamp_min(1e-3).tolist()
+
+    def heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out images and labels in memory, for as-if-unseen levels and membership
+        checks: the whole test split, or for a lazy dataset the first rows of each class (at
+        most ``lazy.heldout_per_class``, read once per process)."""
+        if not self.lazy:
+            return self.test_x, self.test_y
+        return self._heldout_sample
+
+    @functools.cached_property
+    def _heldout_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from .lazy import heldout_per_class
+
+        per_class = heldout_per_class(self.image_shape, self.num_classes)
+        keep = torch.cat([(self.test_y == c).nonzero().squeeze(1)[:per_class]
+                          for c in self.test_y.unique()]).sort().values
+        return self.test_x[keep], self.test_y[keep]
+
+    def key_of(self, instance_id: int) -> str | None:
+        """The key of a training instance (None for datasets without keys)."""
+        return self.train_keys[instance_id] if self.train_keys is not None else None
+
+    @functools.cached_property
+    def key_ids(self) -> dict[str, int]:
+        """{instance key: instance id} of the training split (empty without keys)."""
+        return {k: i for i, k in enumerate(self.train_keys or ())}
 
     def check_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Return ids as a tensor, or raise if any is not a training instance id."""
@@ -53,6 +103,12 @@ class ImageDataset:
                 f"{self.name} (valid: 0..{self.num_train - 1})"
             )
         return t
+
+
+def take(x, ids):
+    """Rows ``ids`` of an image set without reading them yet: ``x[ids]`` for a tensor, a lazy
+    view for ``LazyImages`` (so a retain set of the whole split stays on disk)."""
+    return x[ids] if torch.is_tensor(x) else x.view(ids)
 
 
 def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
