@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import forward
+
 
 def random_other_labels(y: torch.Tensor, num_classes: int, g: torch.Generator) -> torch.Tensor:
     """A label drawn uniformly from the classes other than ``y`` (per element).
@@ -15,7 +17,7 @@ def random_other_labels(y: torch.Tensor, num_classes: int, g: torch.Generator) -
     """
     if num_classes < 2:
         raise ValueError("need at least two classes")
-    r = torch.randint(0, num_classes - 1, y.shape, generator=g)
+    r = torch.randint(0, num_classes - 1, y.shape, generator=g).to(y.device)
     return r + (r >= y).long()
 
 
@@ -60,7 +62,7 @@ def l2_pgd_targeted(
             delta = torch.zeros_like(x)
         for _ in range(steps):
             delta.requires_grad_(True)
-            loss = F.cross_entropy(model(x + delta), target, reduction="sum")
+            loss = F.cross_entropy(forward(model, x + delta), target, reduction="sum")
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 delta = delta - step_size * grad / _l2_norm(grad)  # minimise CE to the target

@@ -13,6 +13,8 @@ import copy
 import torch
 from torch import nn
 
+from .devices import forward
+
 Importance = dict[str, torch.Tensor]
 
 
@@ -35,7 +37,7 @@ def mas_importance(
         if train_mode and len(xb) < 2:  # BatchNorm in train mode needs two samples
             work.eval()
         work.zero_grad(set_to_none=True)
-        norms = work(xb).norm(p=2, dim=1)
+        norms = forward(work, xb).norm(p=2, dim=1)
         loss = (norms.pow(2) if squared else norms).mean()
         loss.backward()
         for n, p in params.items():

@@ -13,6 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import forward
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether the model has BatchNorm layers with running statistics to invert."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+               for m in model.modules())
+
 
 def invert_batchnorm(
     model: nn.Module,
@@ -26,9 +34,12 @@ def invert_batchnorm(
 
     Each image gets a random target class; the loss is CE to it plus ``bn_weight`` times the
     relative distance of every BatchNorm layer's batch mean/variance to its running values.
-    The model is left unchanged (eval mode, gradients restored).
+    The model is left unchanged (eval mode, gradients restored). A model without BatchNorm
+    statistics (:func:`has_batchnorm`) has nothing to invert: ``init`` comes back unchanged,
+    so callers that want inverted images check first.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
     if steps <= 0 or not bns or len(init) < 2:
         return init.detach().clone()
     was_training = model.training
@@ -48,13 +59,14 @@ def invert_batchnorm(
     handles = [b.register_forward_hook(hook) for b in bns]
     try:
         with torch.no_grad():
-            num_classes = model(init[:1]).shape[1]
+            num_classes = forward(model, init[:1]).shape[1]
         target = torch.randint(0, num_classes, (len(init),), generator=g)
         z = torch.logit(init.clamp(0.02, 0.98)).detach().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=lr)
         for _ in range(steps):
             gaps.clear()
-            loss = F.cross_entropy(model(torch.sigmoid(z)), target) + bn_weight * sum(gaps)
+            loss = F.cross_entropy(forward(model, torch.sigmoid(z)), target) \
+                + bn_weight * sum(gaps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

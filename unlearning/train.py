@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import forward
+
 Progress = Callable[[int, int, str], None]  # (done, total, message)
 
 
@@ -54,7 +56,9 @@ def train_classifier(
     config: TrainConfig,
     progress: Progress | None = None,
 ) -> nn.Module:
-    """SGD with a cosine schedule; same seed and data give the same weights on CPU."""
+    """SGD with a cosine schedule; same seed and data give the same weights on CPU.
+
+    Runs where the model is (batches move to it); ``x`` and ``y`` stay where they are."""
     g = seed_everything(config.seed)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, nesterov=True)
@@ -73,7 +77,7 @@ def train_classifier(
             xb = x[idx]
             if config.augment:
                 xb = _shift(xb, g)
-            loss = F.cross_entropy(model(xb), y[idx])
+            loss = F.cross_entropy(forward(model, xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -88,10 +92,11 @@ def train_classifier(
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Logits in eval mode, batched; restores the model's previous mode."""
+    """Logits in eval mode, batched, on ``x``'s device (the model runs on its own);
+    restores the model's previous mode."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) \
+    out = torch.cat([forward(model, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) \
         if len(x) else torch.empty(0)
     model.train(was_training)
     return out
@@ -104,15 +109,20 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * (predict_logits(model, x).argmax(1) == y).float().mean().item()
 
 
-def pretrain(dataset, arch: str, config: TrainConfig, progress: Progress | None = None):
-    """Build ``arch`` for ``dataset`` and train it on the whole training split.
+def pretrain(dataset, arch: str, config: TrainConfig, progress: Progress | None = None,
+             device: torch.device | str | None = None):
+    """Build ``arch`` for ``dataset`` and train it on the whole training split, on ``device``
+    (default: the CPU). The initial weights are drawn on the CPU, so they do not depend on
+    the device.
 
-    Returns (model, spec). Deterministic for a seed on CPU.
+    Returns (model, spec), the model on ``device``. Deterministic for a seed on CPU.
     """
     from .models import build_model, spec_for
 
     spec = spec_for(arch, dataset)
     torch.manual_seed(config.seed)
     model = build_model(spec)
+    if device is not None:
+        model.to(device)
     train_classifier(model, dataset.train_x, dataset.train_y, config, progress)
     return model, spec

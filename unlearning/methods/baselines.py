@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import random_other_labels
+from ..devices import forward
 from ..forget_set import ForgetSet, directional_ce
 from .loop import Context
 from .registry import register
@@ -32,7 +33,7 @@ def neggrad(model, forget: ForgetSet, cfg: NegGradConfig, retain, ctx: Context) 
         for b in range(0, len(forget), cfg.batch_size):
             part = forget.subset(torch.arange(b, min(b + cfg.batch_size, len(forget))))
             model.train(cfg.train_mode and len(part) > 1)
-            if ctx.step(opt, directional_ce(model(part.x), part)):
+            if ctx.step(opt, directional_ce(forward(model, part.x), part)):
                 return
 
 
@@ -49,7 +50,7 @@ class RandomLabelConfig:
 @register("random-label", RandomLabelConfig,
           "fine-tune the forget set on random wrong labels (new labels for relabel rows)")
 def random_label(model, forget: ForgetSet, cfg: RandomLabelConfig, retain, ctx: Context) -> None:
-    num_classes = model(forget.x[:1]).shape[1]
+    num_classes = forward(model, forget.x[:1]).shape[1]
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     while not ctx.done:
@@ -58,5 +59,5 @@ def random_label(model, forget: ForgetSet, cfg: RandomLabelConfig, retain, ctx: 
             target = torch.where(part.is_relabel, part.relabel_to,
                                  random_other_labels(part.avoid, num_classes, ctx.g))
             model.train(cfg.train_mode and len(part) > 1)
-            if ctx.step(opt, F.cross_entropy(model(part.x), target)):
+            if ctx.step(opt, F.cross_entropy(forward(model, part.x), target)):
                 return

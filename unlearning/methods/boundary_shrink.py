@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import forward
 from ..forget_set import ForgetSet
 from .loop import Context
 from .peer_utils import shuffled_batches
@@ -49,10 +50,10 @@ def nearest_wrong_labels(model: nn.Module, x: torch.Tensor, avoid: torch.Tensor,
     model.eval()
     try:
         x = x.detach().clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), avoid), x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(forward(model, x), avoid), x)
         with torch.no_grad():
             x_adv = (x + eps * grad.sign()).clamp(0, 1)
-            logits = model(x_adv)
+            logits = forward(model, x_adv)
             logits.scatter_(1, avoid[:, None], float("-inf"))
             return logits.argmax(1)
     finally:
@@ -83,4 +84,4 @@ def boundary_shrink(model, forget: ForgetSet, cfg: BoundaryShrinkConfig, retain,
     while not ctx.done:
         idx = next(batches)
         model.train(cfg.train_mode and len(idx) > 1)
-        ctx.step(opt, F.cross_entropy(model(forget.x[idx]), targets[idx]))
+        ctx.step(opt, F.cross_entropy(forward(model, forget.x[idx]), targets[idx]))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..devices import forward
 from ..forget_set import ForgetSet, RetainSample
 from .loop import Context
 from .peer_utils import shuffled_batches
@@ -54,4 +55,4 @@ def finetune(model, forget: ForgetSet, cfg: FinetuneConfig, retain: RetainSample
         x = torch.cat([retain.x[idx], x_new])
         y = torch.cat([retain.y[idx].long(), y_new])
         model.train(cfg.train_mode and len(x) > 1)
-        ctx.step(opt, F.cross_entropy(model(x), y))
+        ctx.step(opt, F.cross_entropy(forward(model, x), y))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import forward
 from ..forget_set import ForgetSet
 from .loop import Context
 from .peer_utils import shuffled_batches
@@ -41,10 +42,10 @@ def lipschitz_loss(model: nn.Module, x: torch.Tensor, sigma: float, n_samples: i
     """
     if sigma <= 0 or n_samples < 1:
         raise ValueError("need sigma > 0 and n_samples >= 1")
-    out = model(x)
+    out = forward(model, x)
     noisy = (x.unsqueeze(0) + sigma * torch.randn((n_samples, *x.shape), generator=g)).clamp(0, 1)
     with torch.no_grad():
-        out_noisy = model(noisy.flatten(0, 1)).view(n_samples, len(x), -1)
+        out_noisy = forward(model, noisy.flatten(0, 1)).view(n_samples, len(x), -1)
     in_norm = (noisy - x.unsqueeze(0)).flatten(2).norm(dim=2).clamp_min(1e-12)  # (S, N)
     out_norm = (out.unsqueeze(0) - out_noisy).norm(dim=2)  # (S, N)
     return (out_norm / in_norm).mean()
@@ -77,6 +78,6 @@ def jit(model, forget: ForgetSet, cfg: JiTConfig, retain, ctx: Context) -> None:
         loss = lipschitz_loss(model, part.x, cfg.sigma, cfg.n_samples, ctx.g)
         if bool(part.is_relabel.any()):
             rel = part.is_relabel
-            loss = loss + cfg.relabel_weight * F.cross_entropy(model(part.x[rel]),
+            loss = loss + cfg.relabel_weight * F.cross_entropy(forward(model, part.x[rel]),
                                                                part.relabel_to[rel])
         ctx.step(opt, loss)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import adversarial_set
+from ..devices import forward
 from ..forget_set import ForgetSet, directional_ce
 from ..importance import anchor_penalty, inverted_importance, mas_importance
 from .loop import Context
@@ -41,7 +42,7 @@ class L2ULReferenceConfig:
 @register("l2ul-reference", L2ULReferenceConfig,
           "the published L2UL recipe: adversarial examples + inverted MAS importance")
 def l2ul_reference(model, forget: ForgetSet, cfg: L2ULReferenceConfig, retain, ctx: Context) -> None:
-    num_classes = model(forget.x[:1]).shape[1]
+    num_classes = forward(model, forget.x[:1]).shape[1]
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     weights = inverted_importance(mas_importance(model, forget.x, cfg.forget_batch)) \
         if cfg.use_importance else {}
@@ -61,8 +62,8 @@ def l2ul_reference(model, forget: ForgetSet, cfg: L2ULReferenceConfig, retain, c
             xa, ya = x_adv[a : a + cfg.adv_batch], y_adv[a : a + cfg.adv_batch]
             n_f, n_a = len(part), len(xa)
             model.train()
-            loss = (directional_ce(model(part.x), part, "sum")
-                    + F.cross_entropy(model(xa), ya, reduction="sum")) / (n_f + n_a)
+            loss = (directional_ce(forward(model, part.x), part, "sum")
+                    + F.cross_entropy(forward(model, xa), ya, reduction="sum")) / (n_f + n_a)
             if weights:
                 loss = loss + cfg.reg_lambda * anchor_penalty(model, anchor, weights)
             if ctx.step(opt, loss):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..attacks import random_other_labels
+from ..devices import forward
 from ..forget_set import ForgetSet
 from .loop import Context
 
@@ -23,7 +24,7 @@ def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:
     """Number of logits, from one row in eval mode (no BatchNorm statistics are touched)."""
     was_training = model.training
     model.eval()
-    n = model(x[:1]).shape[1]
+    n = forward(model, x[:1]).shape[1]
     model.train(was_training)
     return int(n)
 

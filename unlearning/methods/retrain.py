@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import forward
 from ..forget_set import ForgetSet, RetainSample
 from ..objectives import OBJECTIVES
 from ..train import TrainConfig, train_classifier
@@ -117,7 +118,7 @@ def retrain(model, forget: ForgetSet, cfg: RetrainConfig, retain: RetainSample,
                 break
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             model.train(len(idx) > 1)  # BatchNorm needs two rows in train mode
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(forward(model, x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import forward
 from ..forget_set import ForgetSet, RetainSample, directional_ce
 from .loop import Context
 from .peer_utils import num_classes_of, shuffled_batches, wrong_labels
@@ -47,7 +48,7 @@ def saliency_mask(model: nn.Module, forget: ForgetSet, fraction: float) -> dict[
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     was_training = model.training
     model.eval()
-    grads = torch.autograd.grad(directional_ce(model(forget.x), forget), list(params.values()),
+    grads = torch.autograd.grad(directional_ce(forward(model, forget.x), forget), list(params.values()),
                                 allow_unused=True)
     model.train(was_training)
     flat = torch.cat([(torch.zeros_like(p) if g is None else g.abs()).flatten()
@@ -109,4 +110,4 @@ def salun(model, forget: ForgetSet, cfg: SalUnConfig, retain: RetainSample | Non
             ridx = next(retain_batches)
             x, y = torch.cat([x, retain.x[ridx]]), torch.cat([y, retain.y[ridx].long()])
         model.train(cfg.train_mode and len(x) > 1)
-        ctx.step(opt, F.cross_entropy(model(x), y))
+        ctx.step(opt, F.cross_entropy(forward(model, x), y))

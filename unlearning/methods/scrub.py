@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import forward
 from ..forget_set import ForgetSet, RetainSample
 from .loop import Context
 from .peer_utils import shuffled_batches
@@ -71,9 +72,9 @@ def scrub(model, forget: ForgetSet, cfg: ScrubConfig, retain: RetainSample,
     while not ctx.done:
         part = forget.subset(next(forget_batches))  # max step
         model.train(cfg.train_mode and len(part) > 1)
-        out = model(part.x)
+        out = forward(model, part.x)
         with torch.no_grad():
-            t = teacher(part.x)
+            t = forward(teacher, part.x)
         kl = tempered_kl(out, t, cfg.temperature)
         ce_new = F.cross_entropy(out, part.key_label, reduction="none")
         if ctx.step(opt, torch.where(part.is_relabel, ce_new, -kl).mean()):
@@ -82,9 +83,9 @@ def scrub(model, forget: ForgetSet, cfg: ScrubConfig, retain: RetainSample,
             idx = next(retain_batches)
             x, y = retain.x[idx], retain.y[idx].long()
             model.train(cfg.train_mode and len(x) > 1)
-            out = model(x)
+            out = forward(model, x)
             with torch.no_grad():
-                t = teacher(x)
+                t = forward(teacher, x)
             loss = cfg.gamma * F.cross_entropy(out, y) \
                 + cfg.alpha * tempered_kl(out, t, cfg.temperature).mean()
             if ctx.step(opt, loss):

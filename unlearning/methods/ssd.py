@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import forward
 from ..forget_set import ForgetSet, RetainSample
 from .loop import Context
 from .peer_utils import count_step
@@ -46,7 +47,8 @@ def diagonal_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     model.eval()
     n_batches = 0
     for b in range(0, len(x), batch_size):
-        loss = F.cross_entropy(model(x[b : b + batch_size]), y[b : b + batch_size])
+        loss = F.cross_entropy(forward(model, x[b : b + batch_size]),
+                               y[b : b + batch_size])
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for n, g in zip(params, grads):
             if g is not None:
