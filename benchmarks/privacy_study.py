@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -308,11 +309,37 @@ variance; k = {c['k']} forget instances from the members, seeds
 {unlearning_table(result)}"""
 
 
+def _metric_name(*parts: str) -> str:
+    """A DVC/MLflow-safe key: ``" +"`` joins as ``+``, other odd runs become ``-``."""
+    return "/".join(re.sub(r"[^A-Za-z0-9_.+-]+", "-", p.replace(" +", "+")).strip("-")
+                    for p in parts)
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """The attacks on the original model and every summary mean, keyed by model/objective."""
+    out: dict[str, float] = {}
+    for r in result["original_attacks"]:
+        for key in ("auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "balanced_accuracy"):
+            if r.get(key) is not None:
+                out[_metric_name("original", "attack", r["attack"], key)] = float(r[key])
+    for e in result["summary"]:
+        prefix = (e["model"], e["objective"] or "none")
+        for key in SUMMARY_KEYS:
+            if e.get(key) is not None:
+                out[_metric_name(*prefix, key)] = float(e[key][0])
+        if "reached" in e:
+            done, runs = e["reached"].split("/")
+            out[_metric_name(*prefix, "reached")] = int(done) / int(runs)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """The LiRA study: unlearning judged by a membership attack that can fail."""
     ap = argparse.ArgumentParser(prog="privacy_study.py", description=main.__doc__)
     ap.add_argument("--out", type=Path, help="write every row and the summary as JSON here")
     ap.add_argument("--markdown", type=Path, help="write the report page here")
+    ap.add_argument("--metrics", type=Path,
+                    help="write the means as one flat JSON object (DVC metrics) here")
     ap.add_argument("--shadows", type=int, default=StudyConfig.n_shadows)
     ap.add_argument("--epochs", type=int, default=StudyConfig.epochs)
     ap.add_argument("--k", type=int, default=StudyConfig.k)
@@ -351,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(to_markdown(result, command))
+    if args.metrics:
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics.write_text(json.dumps(flat_metrics(result), indent=1, sort_keys=True) + "\n")
     return 0
 
 

@@ -70,14 +70,10 @@ class ForgetSet:
         most their mean level (:meth:`satisfied`), on the model being judged. ``ceiling``
         holds the parent's confidence at each level; while unlearning, the targets are
         re-read from the model (:meth:`ceilings_for`, every ``CEILING_REFRESH`` steps): it
-        grows a little less sure of the whole class as it goes. Measured on memorising
-        digits (32 rows): class-matched membership AUC 0.55 (z = 1.0) in 141 steps; LiRA AUC
-        0.564 against retrain's 0.492 (without the tolerance: 0.478, but Fashion-MNIST
-        batches that were already unseen got pushed under held-out data). Requiring every
-        row under its own ceiling instead never finished 128 Fashion-MNIST rows in 800 steps.
-        ``unseen_quantile`` instead fixes each ceiling at that quantile of the row's nearest
-        held-out neighbours (:func:`heldout_ceiling`) and judges rows one by one, the first
-        definition, kept for comparison (docs/privacy.md)."""
+        grows a little less sure of the whole class as it goes. ``unseen_quantile`` instead
+        fixes each ceiling at that quantile of the row's nearest held-out neighbours
+        (:func:`heldout_ceiling`) and judges rows one by one (stricter per row, looser per
+        batch)."""
         k = len(x)
         if k == 0:
             raise ValueError("the forget set is empty")

@@ -105,8 +105,8 @@ PERCENTILES = torch.arange(1, 100, dtype=torch.float) / 100  # held-out ranks ar
 # A batch of n as-if-unseen rows holds while its mean held-out rank is within this many
 # standard errors (sqrt(1 / (12 n)), the spread of n never-seen rows) above its mean level.
 # At 0 half of all genuinely unseen batches would need pushing under held-out data, which
-# drags the class's held-out confidence down with them (Fashion-MNIST, 10 rounds of 32:
-# 5.1 pp lost); the release gate allows 3 (gates.max_membership_z).
+# drags the class's held-out confidence down with them; the release gate allows 3
+# (gates.max_membership_z).
 UNSEEN_TOLERANCE_Z = 1.0
 
 

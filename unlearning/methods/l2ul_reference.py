@@ -1,6 +1,6 @@
 """The reference recipe of Cha et al. (AAAI 2024), as published in the official code.
 
-Kept unchanged for comparison (`paper.md` §7, §8): targeted L2-PGD examples generated once
+Kept unchanged for comparison: targeted L2-PGD examples generated once
 from the original model, a count-weighted loss ``(-sum CE_forget + sum CE_adv) / (n_f+n_a)``,
 the inverted-MAS anchor with lambda 1, SGD lr 1e-3, BatchNorm in train mode, stop at 0%.
 Only the reference code's bugs are fixed: targets uniform over the other classes, the
