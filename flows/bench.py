@@ -47,16 +47,18 @@ def plan_units(spec: Spec) -> list[Unit]:
 
 
 def _load(spec: Spec):
-    """Dataset and pre-trained model, read from disk once per process."""
+    """Dataset and pre-trained model (on the spec's device), read from disk once per process."""
     from unlearning.datasets import load_dataset
+    from unlearning.devices import resolve_device
     from unlearning.models import load_checkpoint
 
     ckpt = Path(spec["checkpoint"])
-    key = (spec["dataset"], spec.get("data_dir"), str(ckpt), ckpt.stat().st_mtime_ns)
+    key = (spec["dataset"], spec.get("data_dir"), str(ckpt), ckpt.stat().st_mtime_ns,
+           spec.get("device", "cpu"))
     if key not in _LOADED:
         _LOADED.clear()
         ds = load_dataset(spec["dataset"], spec.get("data_dir"))
-        model, model_spec = load_checkpoint(ckpt)
+        model, model_spec = load_checkpoint(ckpt, device=resolve_device(spec.get("device", "cpu")))
         model.eval()
         _LOADED[key] = (ds, model, model_spec)
     return _LOADED[key]
@@ -68,16 +70,18 @@ def run_unit(spec: Spec, unit: Unit, log: Callable[[dict], None] | None = None) 
     import torch
 
     from unlearning import benchmark as B
+    from unlearning.devices import describe_device, model_device
     from unlearning.models import build_model
     from unlearning.train import TrainConfig
 
     torch.set_num_threads(int(spec.get("threads") or 1))
     ds, model, model_spec = _load(spec)
+    device = model_device(model)
     variants = {v["label"]: B.Variant(v["label"], v["method"], v["params"]) for v in spec["variants"]}
     pairs = [(objective, variants[label]) for objective, label in unit["pairs"]]
 
     def tagged(row: dict) -> None:
-        row.update(dataset=ds.name, model=model_spec.arch)
+        row.update(dataset=ds.name, model=model_spec.arch, device=describe_device(device))
         if log:
             log(row)
 
@@ -90,7 +94,8 @@ def run_unit(spec: Spec, unit: Unit, log: Callable[[dict], None] | None = None) 
             variants=tuple(variants.values()), objectives=tuple(spec["objectives"]),
             ks=tuple(spec["ks"]), seeds=tuple(spec["seeds"]), retrain=spec["retrain"],
             retain_fraction=spec["retain_fraction"], train=TrainConfig(**spec["train"]))
-        rows = B.run_group(ds, model, lambda: build_model(model_spec), config, unit["k"],
+        # fresh weights are drawn on the CPU (the same on every device), then moved
+        rows = B.run_group(ds, model, lambda: build_model(model_spec).to(device), config, unit["k"],
                            unit["seed"], pairs, log=tagged)
     return rows
 

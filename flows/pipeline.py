@@ -22,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from tasks import registry, release
+from tasks.adopt import write_base
 from tasks.faults import fault
 from tasks.ledger import Ledger
 from tasks.lineage import LineageError, guard, missing_reason, previous_champion, reconcile
@@ -29,6 +30,7 @@ from tasks.locks import file_lock, lock_holder
 from tasks.params import PipelineParams, load_params
 from tasks.paths import Paths, find_home
 from tasks.steps import (
+    adopt_model,
     evaluate_model,
     fetch_model,
     gate_candidate,
@@ -107,6 +109,7 @@ def pretrain_flow(home: str | None = None, dataset: str | None = None, arch: str
             "input_shape": f"{spec['in_channels']}x{spec['image_size']}x{spec['image_size']}",
             "seed": cfg.pretrain.seed, "status": "passed", "gates_passed": "true",
             **_revs(paths, cfg), "weights_sha256": trained["weights_sha256"],
+            "device": trained["device"],
         }
         metrics = {k: trained[k] for k in ("train_acc", "test_acc")}
         metrics["test_acc_before"] = metrics["test_acc"]
@@ -117,12 +120,77 @@ def pretrain_flow(home: str | None = None, dataset: str | None = None, arch: str
                     if k.split(".")[0] in ("dataset", "pretrain")},
             artifacts={}, input_example=data.test_x[:4].numpy())
         record_release(paths, version, None, [], True)
+        write_base(paths, {"kind": "pretrain", "arch": spec["arch"],
+                           "weights_sha256": trained["weights_sha256"]})
         track_data(paths, cfg, version, export=True)  # data/dataset, data.dvc -> data_rev
         promote_model(paths, cfg, version)
         with Ledger(paths.ledger) as ledger:
             ledger.record_promotion(version, None, "pretrain")
     get_run_logger().info("registered %s version %s as champion", cfg.registry.model_name, version)
     return {"status": "ok", "version": version, **metrics, "seconds": trained["seconds"]}
+
+
+# -- adopt ------------------------------------------------------------------------------------
+
+
+@flow(name="adopt")
+def adopt_flow(request: dict[str, Any], home: str | None = None) -> dict[str, Any]:
+    """Register a model the user already has as version 1, the first ``champion``.
+
+    ``request`` is a ``tasks.adopt.AdoptRequest`` as a dict. Bad input (the model does not
+    fit, the source does not resolve, the registry already has versions) is ``invalid``,
+    with nothing registered.
+    """
+    paths, cfg = setup(home)
+    with file_lock(paths.lock, wait=False) as got:
+        if not got:
+            return _busy(paths)
+        name = cfg.registry.model_name
+        fresh = paths.tracking_uri == paths.default_tracking_uri \
+            and not (paths.mlruns / "mlflow.db").exists()  # bad input must not create it
+        existing = [] if fresh else registry.list_versions(registry.connect(paths, cfg), name)
+        if existing:
+            return {"status": "invalid", "reason": (
+                f"{name} already has {len(existing)} version(s): adopt registers version 1 "
+                "into an empty registry only (a new base model would not contain the "
+                "deletions applied so far). Use a fresh state folder (UNLEARN_HOME)")}
+        adopted = adopt_model(paths, cfg, request)
+        if "invalid" in adopted:
+            return {"status": "invalid", "reason": adopted["invalid"]}
+        registry.connect(paths, cfg)
+        data = release.dataset_of(cfg)
+        spec = adopted["spec"]
+        tags = {
+            "parent_version": "none", "batch_id": "none", "request_ids": "", "objective": "none",
+            "method": "adopt", "dataset": cfg.dataset.name, "arch": spec["arch"],
+            "input_shape": f"{spec['in_channels']}x{spec['image_size']}x{spec['image_size']}",
+            "input_contract": json.dumps(adopted["input_contract"], sort_keys=True),
+            "classes": json.dumps(adopted["classes"]),
+            "source": adopted["source"], "source_sha256": adopted["source_sha256"],
+            "source_format": adopted["source_format"],
+            "status": "passed", "gates_passed": "true", **_revs(paths, cfg),
+            "weights_sha256": adopted["weights_sha256"], "device": adopted["device"],
+        }
+        metrics = {"test_acc": adopted["test_acc"], "train_acc": adopted["train_acc"],
+                   "test_acc_before": adopted["test_acc"]}
+        params = {k: v for k, v in cfg.flat().items() if k.split(".")[0] == "dataset"}
+        params.update({f"adopt.{k}": v for k, v in request.items() if v is not None})
+        version = register_model(
+            paths, cfg, run_name="adopt", checkpoint=adopted["path"], tags=tags,
+            metrics={**metrics, "adopt_seconds": adopted["seconds"]}, params=params,
+            artifacts={"adopt": [str(paths.data / "base" / "source.json")]},
+            input_example=data.test_x[:4].numpy())
+        record_release(paths, version, None, [], True)
+        track_data(paths, cfg, version, export=True)  # data/dataset, data/base -> data_rev
+        promote_model(paths, cfg, version)
+        with Ledger(paths.ledger) as ledger:
+            ledger.record_promotion(version, None, "adopt")
+    get_run_logger().info("adopted %s as %s version %s (champion)", adopted["source"], name,
+                          version)
+    return {"status": "ok", "version": version, **metrics, "seconds": adopted["seconds"],
+            "warnings": adopted["warnings"],
+            **{k: adopted[k] for k in ("source", "source_sha256", "source_format", "device",
+                                       "input_contract", "weights_sha256")}}
 
 
 def _revs(paths: Paths, cfg: PipelineParams) -> dict[str, str]:
@@ -143,7 +211,7 @@ def _batch_tags(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch
         "request_ids": ",".join(r["request_id"] for r in rows),
         "objective": objectives[0] if len(objectives) == 1 else "mixed",
         "method": cfg.unlearn.method, "seed": candidate["seed"],
-        "weights_sha256": candidate["weights_sha256"],
+        "weights_sha256": candidate["weights_sha256"], "device": candidate.get("device", "cpu"),
         "gates_passed": "true" if gates["passed"] else "false",
         "status": "passed" if gates["passed"] else "failed",
         "gate_failures": ",".join(gates["failures"]),

@@ -71,10 +71,9 @@ class PretrainParams(_Section):
     @field_validator("arch")
     @classmethod
     def _known(cls, arch: str) -> str:
-        from unlearning.models import ARCHITECTURES
+        from unlearning.models import arch_kind
 
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        arch_kind(arch)  # a malformed name is an error here; pretraining builds (imports) it
         return arch
 
 
@@ -121,12 +120,28 @@ class RegistryParams(_Section):
 
 class RuntimeParams(_Section):
     torch_threads: int = Field(default=1, ge=0)  # 0: torch's default
+    device: str = "auto"  # auto (a GPU when torch sees one) | cpu | cuda | cuda:N
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if device not in ("auto", "cpu", "cuda") and not (
+                device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+        return device
 
     def apply(self) -> None:
         import torch
 
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
+
+    def torch_device(self):
+        """The torch device models run on (``unlearning.devices.resolve_device``); raises
+        DeviceError for cuda without a GPU."""
+        from unlearning.devices import resolve_device
+
+        return resolve_device(self.device)
 
 
 class PipelineParams(_Section):

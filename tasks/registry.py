@@ -4,7 +4,10 @@ Each release version carries two copies of the same weights:
 
 - the logged MLflow model, ``serialization_format="pt2"`` (torch.export with a dynamic batch
   dimension): what a consumer loads with ``mlflow.pytorch.load_model("models:/NAME@champion")``
-  without this project's code and without unpickling anything;
+  without this project's code and without unpickling anything. Its input is the version's
+  input contract (``unlearning.models.published_model``; the ``input_contract`` tag and
+  artifact): pixels in [0, 1] for a pretrained model, the user's own preprocessed input for
+  an adopted one (the network alone, a drop-in replacement for the model they adopted);
 - ``checkpoint/model.pt``, the weights-only state dict plus the ModelSpec: what the pipeline
   itself loads (``torch.load(weights_only=True)``), checked against the ``weights_sha256`` tag.
 """
@@ -26,8 +29,11 @@ CHAMPION, CANDIDATE = "champion", "candidate"
 PIP_REQUIREMENTS = ["torch==2.14.1", "numpy"]
 LINEAGE_TAGS = ("parent_version", "batch_id", "request_ids", "objective", "method", "data_rev",
                 "code_rev", "params_sha256", "weights_sha256", "dataset", "arch", "input_shape",
-                "seed", "status")
-CARRIED_TAGS = ("dataset", "arch", "input_shape")  # copied from parent to child versions
+                "seed", "status", "device", "source", "source_sha256", "source_format",
+                "input_contract", "classes")
+# copied from parent to child versions (releases keep the base model's contract and classes)
+CARRIED_TAGS = ("dataset", "arch", "input_shape", "input_contract", "classes")
+CONTRACT_ARTIFACT = "input_contract.json"
 METRIC_TAGS = ("forget_acc", "objective_rate", "relabel_success", "test_acc_before", "test_acc",
                "test_drop", "earlier_objective_rate", "weights_finite", "mia_efficacy",
                "loss_mia_auc", "steps", "train_acc")
@@ -150,14 +156,18 @@ def register_release(
     Returns the new version number. The version carries ``tags`` (lineage, gates_passed) and
     the numeric metrics as tags too, so ``releases`` reads one object per version.
     """
+    import json
+
     import mlflow
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
 
-    from unlearning.models import load_checkpoint
+    from unlearning.models import consumer_input, input_contract, load_checkpoint, published_model
 
-    model, _ = load_checkpoint(checkpoint, tags.get("weights_sha256"))
+    model, spec = load_checkpoint(checkpoint, tags.get("weights_sha256"))
+    contract = input_contract(spec)
+    tags = {"input_contract": json.dumps(contract, sort_keys=True), **tags}
     name = cfg.registry.model_name
     numeric = {k: float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -174,11 +184,14 @@ def register_release(
             for path in files:
                 if Path(path).is_file():
                     mlflow.log_artifact(path, artifact_path=folder)
+        mlflow.log_dict(contract, CONTRACT_ARTIFACT)
+        published = published_model(model, spec)
+        example = consumer_input(model, spec, torch.as_tensor(input_example)).numpy()
         with torch.no_grad():
-            output = model(torch.as_tensor(input_example)).numpy()
+            output = published(torch.as_tensor(example)).numpy()
         info = mlflow.pytorch.log_model(
-            model, name="model", serialization_format="pt2", input_example=input_example,
-            signature=infer_signature(input_example, output),
+            published, name="model", serialization_format="pt2", input_example=example,
+            signature=infer_signature(example, output),
             pip_requirements=PIP_REQUIREMENTS,
         )
         version_tags = {k: str(v) for k, v in tags.items()}

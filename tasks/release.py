@@ -127,6 +127,7 @@ def pretrain_model(cfg: PipelineParams, out: Path, progress=None) -> dict[str, A
     """Train ``cfg.pretrain.arch`` on the whole training split; save a weights-only checkpoint."""
     from dataclasses import asdict
 
+    from unlearning.devices import describe_device
     from unlearning.models import save_checkpoint
     from unlearning.train import TrainConfig, accuracy, pretrain
 
@@ -134,11 +135,13 @@ def pretrain_model(cfg: PipelineParams, out: Path, progress=None) -> dict[str, A
     p = cfg.pretrain
     config = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, momentum=p.momentum,
                          weight_decay=p.weight_decay, seed=p.seed, augment=p.augment)
+    device = cfg.runtime.torch_device()
     start = time.perf_counter()
-    model, spec = pretrain(data, p.arch, config, progress)
+    model, spec = pretrain(data, p.arch, config, progress, device=device)
     seconds = time.perf_counter() - start
     sha = save_checkpoint(out, model, spec)
     return {"path": str(out), "weights_sha256": sha, "seconds": seconds, "spec": asdict(spec),
+            "device": describe_device(device),
             "train_acc": accuracy(model, data.train_x, data.train_y),
             "test_acc": accuracy(model, data.test_x, data.test_y)}
 
@@ -150,10 +153,12 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     With ``unlearn.include_earlier`` the instances of ``earlier`` batches join the forget set,
     so the early stop also waits for them (every earlier deletion must stay deleted).
     """
+    from unlearning.devices import describe_device
     from unlearning.methods import ForgetSet, unlearn
     from unlearning.models import load_checkpoint, save_checkpoint
 
-    model, spec = load_checkpoint(parent["path"], parent["weights_sha256"])
+    device = cfg.runtime.torch_device()
+    model, spec = load_checkpoint(parent["path"], parent["weights_sha256"], device=device)
     current = forget_set(paths, cfg, [batch_id], parent=model)
     before = forget_set(paths, cfg, earlier, parent=model) if cfg.unlearn.include_earlier else None
     target = ForgetSet.concat([before, current]) if before is not None else current
@@ -163,6 +168,7 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     fault("in:unlearn")
     sha = save_checkpoint(out, result.model, spec)
     summary = {"path": str(out), "weights_sha256": sha, "seed": seed, "steps": result.steps,
+               "device": describe_device(device),
                "seconds": result.seconds, "reached": result.reached,
                "satisfied": result.satisfied, "total": result.total,
                "info": {k: v for k, v in result.info.items()
@@ -203,8 +209,9 @@ def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any]
     from unlearning.models import load_checkpoint
 
     data = dataset_of(cfg)
-    parent_model, _ = load_checkpoint(parent["path"], parent["weights_sha256"])
-    model, _ = load_checkpoint(candidate["path"], candidate["weights_sha256"])
+    device = cfg.runtime.torch_device()
+    parent_model, _ = load_checkpoint(parent["path"], parent["weights_sha256"], device=device)
+    model, _ = load_checkpoint(candidate["path"], candidate["weights_sha256"], device=device)
     current = forget_set(paths, cfg, [batch_id], parent=parent_model)
     before = forget_set(paths, cfg, earlier, parent=parent_model)
     metrics = evaluate_unlearning(model, parent_model, current, (data.test_x, data.test_y),

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import datastore, release
+from .adopt import read_base, rebuild_adopted
 from .params import ParamsError, PipelineParams, load_params
 from .paths import OFFLINE_ENV, Paths
 
@@ -90,9 +91,12 @@ def _covered(plan: list[dict[str, Any]]) -> dict[int, list[str]]:
 
 def stage_base(home: Path) -> dict[str, Any]:
     """The base model from data/dataset and params.yaml (``dataset``, ``pretrain``)."""
-    _, _, load = _setup(home)
+    paths, _, load = _setup(home)
     out = _fresh(home / BASE)
-    trained = release.pretrain_model(load, out / "model.pt")
+    if read_base(paths).get("kind") == "adopt":  # `unlearn adopt`: the user's weights
+        trained = rebuild_adopted(paths, load, out / "model.pt")
+    else:
+        trained = release.pretrain_model(load, out / "model.pt")
     summary = {k: trained[k] for k in ("weights_sha256", "train_acc", "test_acc", "spec")}
     _write_json(out / "pretrain.json", summary)
     return summary
@@ -239,6 +243,7 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
     changed batch manifest is named even when it happens not to change the weights.
     Raises VerifyInputError before doing anything when an input is missing.
     """
+    from unlearning.devices import DeviceError, describe_device
     from unlearning.models import CheckpointError
 
     from . import registry
@@ -271,6 +276,8 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
                                    "does not have")
         needs[version] = dataset_files + [f"deletions/{b}.csv"
                                           for b in covered(parent) + batches]
+        if parent is None and by_version[version]["lineage"].get("method") == "adopt":
+            needs[version] += ["base/model.pt", "base/source.json"]
         for rel in needs[version]:
             if not (paths.data / rel).is_file():
                 raise VerifyInputError(f"data/{rel} is missing (version {version} needs it): "
@@ -280,8 +287,12 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
         load, dataset_problem = datastore.tracked_dataset(paths, cfg), None
     except datastore.DataTrackingError as e:
         load, dataset_problem = cfg, str(e)
+    try:
+        device_now = describe_device(cfg.runtime.torch_device())
+    except DeviceError as e:
+        raise VerifyInputError(str(e)) from None
     current = {"params_sha256": cfg.sha256(), "code_rev": release.code_rev(),
-               "data_rev": release.data_rev(paths.home)}
+               "data_rev": release.data_rev(paths.home), "device": device_now}
     plan = {e["version"]: e for e in datastore.read_release_order(paths)}
     listings: dict[str, dict[str, str] | None] = {}
     results = []
@@ -317,10 +328,20 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
             except (CheckpointError, registry.RegistryError) as e:
                 findings.append(f"the registry's stored weights of version {version} do not "
                                 f"match its weights_sha256 ({e})")
+            # float results are bit-reproducible on the same device only (an adopted base
+            # is a copy of the user's weights: the same anywhere)
+            adopted = parent is None and tags.get("method") == "adopt"
+            built_on = tags.get("device", "cpu")  # releases before devices were CPU-only
+            same_device = adopted or built_on == device_now
+            if not same_device:
+                notes.append(f"built on {built_on}, rebuilt on {device_now}: weights are "
+                             "reproducible bit for bit on the same device only")
             rebuilt = None
             try:
                 out = Path(tmp) / f"v{version}"
-                if parent is None:
+                if adopted:
+                    rebuilt = rebuild_adopted(paths, load, out / "model.pt")["weights_sha256"]
+                elif parent is None:
                     rebuilt = release.pretrain_model(load, out / "model.pt")["weights_sha256"]
                 else:
                     anchor = registry.fetch_version(paths, client, name, parent)
@@ -333,11 +354,14 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
                 "version": version, "parent": parent, "batches": batches,
                 "recorded": recorded, "rebuilt": rebuilt, "match": match,
                 "ok": match and not findings, "findings": findings, "notes": notes,
+                "device": built_on, "rebuilt_on": device_now, "same_device": same_device,
                 "data_rev": tags.get("data_rev"), "params_sha256": tags.get("params_sha256"),
                 "code_rev": tags.get("code_rev"), "seconds": time.perf_counter() - t0,
             })
             say(f"version {version}: " + (
                 f"reproduced, weights_sha256 {recorded[:12]}" if results[-1]["ok"] else
+                f"NOT COMPARABLE: built on {built_on}, rebuilt on {device_now}"
+                if not match and not same_device and not findings else
                 f"DIVERGED: rebuilt {str(rebuilt)[:12]}, registry {recorded[:12]}"
                 + "".join(f"; {f}" for f in findings)))
     bad = next((r for r in results if not r["ok"]), None)
@@ -357,6 +381,12 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
                       + "".join(f"; {f}" for f in bad["findings"])
                       + "".join(f"; {n}" for n in bad["notes"] if "params" in n),
         }
+        if not bad["same_device"] and not bad["match"] and not bad["findings"]:
+            diverged["reason"] = (
+                f"{where} cannot be compared here: it was built on {bad['device']} and "
+                f"rebuilt on {bad['rebuilt_on']}; weights are reproducible bit for bit on the "
+                "same device (GPU model, driver, torch build) only, so this proves nothing "
+                "either way: verify on that device (runtime.device in params.yaml)")
     return {"status": "ok" if bad is None else "mismatch", "model": name,
             "home": str(paths.home), **current, "dataset_problem": dataset_problem,
             "verified": [r["version"] for r in results if r["ok"]],

@@ -54,6 +54,20 @@ def train_model(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
     return _progress("pretrain", lambda p: release.pretrain_model(cfg, out, p))
 
 
+@task(name="adopt", cache_policy=NO_CACHE)
+def adopt_model(paths: Paths, cfg: PipelineParams, request: dict[str, Any]) -> dict[str, Any]:
+    """Read, check and evaluate the user's model; ``{"invalid": reason}`` for bad input (a
+    usage error, not a failed task: nothing is registered)."""
+    from .adopt import AdoptError, AdoptRequest
+    from .adopt import adopt_model as adopt
+
+    out = paths.artifacts / "adopt" / "model.pt"
+    try:
+        return adopt(paths, cfg, AdoptRequest.from_dict(request), out)
+    except AdoptError as e:
+        return {"invalid": str(e)}
+
+
 @task(name="unlearn", cache_policy=NO_CACHE)
 def run_unlearning(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
                    earlier: list[str], out: Path) -> dict[str, Any]:
@@ -127,6 +141,10 @@ def record_release(paths: Paths, version: int, parent: int | None, batches: list
 def track_data(paths: Paths, cfg: PipelineParams, version: int, export: bool = False) -> str:
     """Mirror the ledger into data/releases.json, ``dvc add data``, and record the resulting
     data revision as the version's ``data_rev``: the data/ that can rebuild it."""
+    from .adopt import read_base, write_base
+
+    if not (paths.data / "base").is_dir():  # a state folder from before `adopt`: pretrained
+        write_base(paths, read_base(paths))
     rev = datastore.track(paths, cfg, export=export)
     client = registry.connect(paths, cfg)
     registry.set_data_rev(client, cfg.registry.model_name, version, rev)

@@ -46,7 +46,9 @@ def register(sub) -> None:
                     "timings.")
     p.add_argument("--dataset", default="digits", help="digits | fashion-mnist | cifar10 | ...")
     p.add_argument("--data-dir", default=None, help="where the dataset files are (if needed)")
-    p.add_argument("--model", default="small-cnn", help="small-cnn | resnet18")
+    p.add_argument("--model", default="small-cnn",
+                   help="small-cnn | resnet18 | torchvision:NAME | timm:NAME | "
+                        "package.module:function")
     p.add_argument("--methods", default="neggrad,l2ul-reference,l2ul",
                    help="comma-separated method names (see `unlearn methods`)")
     p.add_argument("--objective", default="misclassify",
@@ -68,6 +70,9 @@ def register(sub) -> None:
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
                    help="write the list of runs here")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the summary table here")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when torch sees one) | cpu | cuda | cuda:N: where models "
+                        "train and unlearn (every Dask worker uses it too)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: 1 per Dask worker; torch's "
                         "default with --serial)")
@@ -145,6 +150,7 @@ def _check_bench_args(args) -> None:
 
 def _bench_model(args, ds):
     """(checkpoint path, model): the given checkpoint, the cached one, or pre-train and cache."""
+    from unlearning.devices import resolve_device
     from unlearning.models import CheckpointError, load_checkpoint, save_checkpoint
     from unlearning.progress import ProgressLine
     from unlearning.train import pretrain
@@ -157,7 +163,7 @@ def _bench_model(args, ds):
         f"{ds.name}-{args.model}-e{epochs}-s0.pt")).resolve()
     if cache.exists():
         try:
-            model, spec = load_checkpoint(cache)
+            model, spec = load_checkpoint(cache, device=resolve_device(args.device))
         except CheckpointError as e:
             raise UsageError(str(e)) from None
         if spec.arch != args.model and not args.checkpoint:
@@ -168,7 +174,8 @@ def _bench_model(args, ds):
         from unlearning.train import TrainConfig
 
         bar = ProgressLine(f"pretrain {ds.name}/{args.model}")
-        model, spec = pretrain(ds, args.model, TrainConfig(epochs=epochs, seed=0), bar)
+        model, spec = pretrain(ds, args.model, TrainConfig(epochs=epochs, seed=0), bar,
+                               device=resolve_device(args.device))
         bar.close()
         save_checkpoint(cache, model, spec)
     return cache, model, epochs
@@ -216,13 +223,17 @@ def cmd_bench(args) -> int:
 
     from unlearning import benchmark as B
     from unlearning.datasets import DatasetError, load_dataset
-    from unlearning.models import ARCHITECTURES
+    from unlearning.devices import DeviceError, describe_device, resolve_device
+    from unlearning.models import ArchitectureError, check_arch
     from unlearning.train import TrainConfig, accuracy
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model not in ARCHITECTURES:
-        raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(ARCHITECTURES)}")
+    try:
+        check_arch(args.model)
+        device = resolve_device(args.device)
+    except (ArchitectureError, DeviceError) as e:
+        raise UsageError(str(e)) from None
     overrides: dict[str, dict] = {}
     for method, key, value in args.params:
         overrides.setdefault(method, {})[key] = value
@@ -248,7 +259,8 @@ def cmd_bench(args) -> int:
              if args.dask_address else f"local Dask cluster, {args.workers} workers x 1 thread")
     print(f"# {ds.name} / {args.model}: test accuracy {accuracy(model, ds.test_x, ds.test_y):.2f}%"
           f", objective {args.objective}, k={args.k}, seeds={args.seeds}"
-          + (f", rounds={args.rounds}" if args.rounds else "") + f"; {where}", file=sys.stderr)
+          + (f", rounds={args.rounds}" if args.rounds else "") + f"; {where}; "
+          f"{describe_device(device)}", file=sys.stderr)
     spec = {
         "dataset": ds.name, "data_dir": args.data_dir, "checkpoint": str(checkpoint),
         "variants": [dataclasses.asdict(v) for v in variants], "objectives": list(objectives),
@@ -257,6 +269,7 @@ def cmd_bench(args) -> int:
         "include_earlier": args.include_earlier,
         "train": dataclasses.asdict(TrainConfig(epochs=epochs, seed=0)),
         "threads": args.threads or (torch.get_num_threads() if args.serial else 1),
+        "device": args.device,
     }
     from flows.bench import run_bench
 

@@ -1,5 +1,5 @@
-"""``unlearn`` commands that move deletions through the pipeline: pretrain, submit, run,
-serve, demo.
+"""``unlearn`` commands that move deletions through the pipeline: pretrain, adopt, submit,
+run, serve, demo.
 
 Schedules need a real Prefect server (the temporary one cannot schedule)::
 
@@ -28,11 +28,56 @@ from .runtime import context, require_dataset, run_flow
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train the base model; register version 1 as champion")
     p.add_argument("--dataset", help="dataset name (default: params.yaml dataset.name)")
-    p.add_argument("--model", help="architecture: small-cnn or resnet18 (default: params.yaml)")
+    p.add_argument("--model", help="architecture: small-cnn, resnet18, torchvision:NAME, "
+                                    "timm:NAME or package.module:function (default: "
+                                    "params.yaml)")
     p.add_argument("--epochs", type=int, help="training epochs (default: params.yaml)")
     p.add_argument("--seed", type=int, help="training seed (default: params.yaml)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_pretrain)
+
+    p = sub.add_parser(
+        "adopt", help="register a model you already have as version 1 (champion)",
+        description="Adopt a deployed classifier: its weights (a state_dict file and an "
+                    "architecture, or a model in another MLflow store) become version 1 and "
+                    "the first champion, evaluated on the held-out split of params.yaml's "
+                    "dataset. Releases keep its input contract and classes: consumers feed "
+                    "them their own preprocessed input, as before. Only into an empty "
+                    "registry.")
+    src = p.add_argument_group("source (one of)")
+    src.add_argument("--weights", metavar="FILE",
+                     help="a state_dict saved with torch.save(model.state_dict(), FILE); read "
+                          "weights-only (no pickled code)")
+    src.add_argument("--from-mlflow", metavar="URI",
+                     help="a model in an MLflow store: models:/NAME/VERSION, models:/NAME@ALIAS "
+                          "or runs:/RUN_ID/PATH")
+    src.add_argument("--source-tracking-uri", metavar="URI",
+                     help="the store --from-mlflow reads (default: the project's tracking URI)")
+    src.add_argument("--allow-pickle", action="store_true",
+                     help="consent to unpickling a model logged with "
+                          "serialization_format='pickle' (runs code from that store)")
+    p.add_argument("--arch", help="its architecture: torchvision:NAME (e.g. "
+                                  "torchvision:resnet18), timm:NAME, package.module:function "
+                                  "(called with num_classes=), small-cnn or resnet18")
+    contract = p.add_argument_group(
+        "input contract: the preprocessing the model was trained with, applied to the "
+        "dataset's [0, 1] pixels (default: none: pixels as torchvision's ToTensor gives them)")
+    contract.add_argument("--mean", metavar="M[,M,M]", help="normalisation mean per channel")
+    contract.add_argument("--std", metavar="S[,S,S]", help="normalisation std per channel")
+    contract.add_argument("--image-size", type=int, metavar="N",
+                          help="side the network takes (bilinear resize; default: the "
+                               "dataset's)")
+    contract.add_argument("--channels", type=int, choices=(1, 3),
+                          help="channels the network takes (gray is repeated to 3; default: "
+                               "3 for torchvision/timm, else the dataset's)")
+    contract.add_argument("--preprocessing", metavar="FILE",
+                          help="a JSON object with any of mean, std, image_size, channels, "
+                               "classes (options given on the command line win)")
+    contract.add_argument("--classes", metavar="A,B,...",
+                          help="the model's classes in output order, checked against the "
+                               "dataset's")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_adopt)
 
     p = sub.add_parser("submit", help="validate a deletion manifest and queue it as a batch")
     p.add_argument("file", help="CSV or JSON-lines manifest: request_id, instance_id, "
@@ -68,6 +113,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except ParamsError as e:
         raise UsageError(str(e)) from None
     require_dataset(cfg)
+    _check_arch(cfg.pretrain.arch)
     from flows.pipeline import pretrain_flow
 
     say(f"pretraining {cfg.pretrain.arch} on {cfg.dataset.name} for {cfg.pretrain.epochs} "
@@ -76,6 +122,91 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                       arch=args.model, epochs=args.epochs, seed=args.seed)
     return finish(result, args.json, f"version {result.get('version')} is champion: test "
                   f"accuracy {result.get('test_acc', 0):.2f}% ({result.get('seconds', 0):.1f} s)")
+
+def _check_arch(arch: str) -> None:
+    from unlearning.models import ArchitectureError, check_arch
+
+    try:
+        check_arch(arch)
+    except ArchitectureError as e:
+        raise UsageError(str(e)) from None
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    return values
+
+
+def _adopt_request(args: argparse.Namespace):
+    """The AdoptRequest of the command line (and --preprocessing), or a UsageError."""
+    import json
+    from pathlib import Path
+
+    from tasks.adopt import AdoptError, AdoptRequest
+
+    given: dict[str, Any] = {}
+    if args.preprocessing:
+        try:
+            given = json.loads(Path(args.preprocessing).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UsageError(f"--preprocessing {args.preprocessing}: cannot read a JSON object "
+                             f"({e.__class__.__name__})") from None
+        known = {"mean", "std", "image_size", "channels", "classes"}
+        if not isinstance(given, dict) or set(given) - known:
+            raise UsageError(f"--preprocessing {args.preprocessing}: expected a JSON object with "
+                             f"keys among {', '.join(sorted(known))}")
+    mean = _floats(args.mean, "--mean") if args.mean else given.get("mean")
+    std = _floats(args.std, "--std") if args.std else given.get("std")
+    size = args.image_size if args.image_size is not None else given.get("image_size")
+    channels = args.channels if args.channels is not None else given.get("channels")
+    classes = args.classes.split(",") if args.classes else given.get("classes")
+    for what, value in (("mean", mean), ("std", std)):
+        if value is not None and (not isinstance(value, list) or not value or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise UsageError(f"{what} must be a list of numbers, got {value!r}")
+    if size is not None and (not isinstance(size, int) or not 4 <= size <= 4096):
+        raise UsageError(f"image size must be an integer from 4 to 4096, got {size!r}")
+    if channels is not None and channels not in (1, 3):
+        raise UsageError(f"channels must be 1 or 3, got {channels!r}")
+    if classes is not None and (not isinstance(classes, list)
+                                or not all(isinstance(c, str) for c in classes)):
+        raise UsageError(f"classes must be a list of names, got {classes!r}")
+    if args.source_tracking_uri and not args.from_mlflow:
+        raise UsageError("--source-tracking-uri goes with --from-mlflow")
+    if args.allow_pickle and not args.from_mlflow:
+        raise UsageError("--allow-pickle goes with --from-mlflow (a --weights file is always "
+                         "read weights-only)")
+    if args.arch:
+        _check_arch(args.arch)
+    try:
+        return AdoptRequest(
+            arch=args.arch, weights=args.weights, from_mlflow=args.from_mlflow,
+            source_tracking_uri=args.source_tracking_uri, allow_pickle=args.allow_pickle,
+            mean=[float(v) for v in mean] if mean is not None else None,
+            std=[float(v) for v in std] if std is not None else None,
+            image_size=size, channels=channels, classes=classes)
+    except AdoptError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    paths, cfg = context()
+    request = _adopt_request(args)
+    require_dataset(cfg)
+    from flows.pipeline import adopt_flow
+
+    result = run_flow(adopt_flow, request=request.to_dict(), home=str(paths.home))
+    for warning in result.get("warnings") or []:
+        say(f"warning: {warning}")
+    contract = result.get("input_contract") or {}
+    return finish(result, args.json, (
+        f"version {result.get('version')} is champion: {result.get('source_format')} from "
+        f"{result.get('source')}, held-out accuracy {result.get('test_acc', 0):.2f}% "
+        f"(consumers feed it: {', '.join(contract.get('preprocessing', [])) or 'pixels'})"))
+
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from pathlib import Path

@@ -39,13 +39,16 @@ def context(check_ledger: bool = True):
     return paths, cfg
 
 def require_dataset(cfg) -> None:
-    """Load the dataset now (cached for the flows), so a missing one is a usage error."""
+    """Load the dataset now (cached for the flows) and resolve ``runtime.device``, so a
+    missing dataset or a GPU that is not there is a usage error."""
     from tasks.release import dataset_of
     from unlearning.datasets import DatasetError
+    from unlearning.devices import DeviceError
 
     try:
         dataset_of(cfg)
-    except DatasetError as e:
+        cfg.runtime.torch_device()
+    except (DatasetError, DeviceError) as e:
         raise UsageError(str(e)) from None
 
 def temporary_server_dies_with_us() -> None:

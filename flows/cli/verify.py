@@ -6,8 +6,13 @@ registered weights plus its batch manifests, with the seed derived from the batc
 rebuilt ``weights_sha256`` must equal the registry's, and the data files a release used must
 equal the ones in its ``data_rev`` (DVC's listing of ``data/`` when it was registered).
 
+Weights are reproducible bit for bit on the same device only: a release built on another
+device (its ``device`` tag; none means the CPU) is rebuilt here but reported as not
+comparable, never as a match it cannot prove.
+
 Exit codes: 0 every release reproduced; 1 a release diverged (the message names the
-version, the batch and both hashes); 2 bad input (unknown version, missing files, no
+version, the batch and both hashes) or cannot be compared here (built on another device);
+2 bad input (unknown version, missing files, no
 registry), with nothing changed.
 """
 
@@ -79,6 +84,11 @@ def _line(r: dict[str, Any]) -> str:
     what = (f"{','.join(r['batches'])} from version {r['parent']}" if r["parent"] is not None
             else "base model")
     if r["ok"]:
-        return f"version {r['version']} ({what}): reproduced {r['recorded'][:12]}"
+        across = "" if r.get("same_device", True) else \
+            f" (built on {r['device']}, rebuilt on {r['rebuilt_on']})"
+        return f"version {r['version']} ({what}): reproduced {r['recorded'][:12]}{across}"
+    if not r.get("same_device", True) and not r["match"] and not r["findings"]:
+        return (f"version {r['version']} ({what}): NOT COMPARABLE here: built on "
+                f"{r['device']}, rebuilt on {r['rebuilt_on']}")
     return (f"version {r['version']} ({what}): DIVERGED rebuilt {str(r['rebuilt'])[:12]} "
             f"registry {r['recorded'][:12]}")
