@@ -184,8 +184,10 @@ def collect_report(paths: Paths, cfg: PipelineParams, version: int, *,
         notes.append("no request ledger in this state folder: earlier deletions not checked")
 
     tick(1, total, "checkpoints")
-    model = _load(paths, client, name, version)
-    parent = _load(paths, client, name, parent_version) if parent_version is not None else None
+    device = cfg.runtime.torch_device()  # the report's model work runs there too
+    model = _load(paths, client, name, version, device)
+    parent = _load(paths, client, name, parent_version, device) \
+        if parent_version is not None else None
     data = dataset_of(cfg)
     if lineage.get("dataset") and lineage["dataset"] != data.name:
         raise ReportError(f"version {version} was trained on {lineage['dataset']!r} but "
@@ -254,12 +256,12 @@ def collect_report(paths: Paths, cfg: PipelineParams, version: int, *,
         adversarial_settings=adv_settings, lineage=lineage_data, notes=notes)
 
 
-def _load(paths: Paths, client, name: str, version: int):
+def _load(paths: Paths, client, name: str, version: int, device=None):
     from unlearning.models import CheckpointError, load_checkpoint
 
     try:
         fetched = registry.fetch_version(paths, client, name, version)
-        model, _ = load_checkpoint(fetched["path"], fetched["weights_sha256"])
+        model, _ = load_checkpoint(fetched["path"], fetched["weights_sha256"], device=device)
     except (registry.RegistryError, CheckpointError) as e:
         raise ReportError(f"cannot load version {version}: {e}") from None
     model.eval()
