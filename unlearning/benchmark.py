@@ -17,6 +17,7 @@ import torch
 
 from .attacks import random_other_labels
 from .datasets import ImageDataset, sample_forget_ids, sample_retain_ids
+from .datasets.core import take
 from .methods import ForgetSet, RetainSample, UnlearnResult, get_method, make_config, unlearn
 from .methods.retrain import retrain_reference
 from .metrics import membership_auc, mia_efficacy, objective_rate, relabel_success
@@ -89,7 +90,7 @@ def forget_set_for(ds: ImageDataset, objective: str, k: int, seed: int,
     if objective == "relabel":
         new = random_other_labels(y, ds.num_classes, torch.Generator().manual_seed(1_000 + seed))
     return ForgetSet.build(x, y, objective, new, num_classes=ds.num_classes, ids=ids,
-                           model=model, heldout=(ds.test_x, ds.test_y))
+                           model=model, heldout=ds.heldout())
 
 
 def retain_sample_for(ds: ImageDataset, k: int, seed: int, fraction: float) -> RetainSample | None:
@@ -108,7 +109,7 @@ def retrain_without(ds: ImageDataset, model_factory: Callable[[], torch.nn.Modul
     keep[torch.as_tensor(forget_ids)] = False
     start = time.perf_counter()
     model = model_factory()
-    train_classifier(model, ds.train_x[keep], ds.train_y[keep], config)
+    train_classifier(model, take(ds.train_x, keep), ds.train_y[keep], config)  # lazy: read per batch
     return model, time.perf_counter() - start
 
 
@@ -150,7 +151,7 @@ def model_metrics(model: torch.nn.Module, ds: ImageDataset, forget_x: torch.Tens
     non-members: the test split) of one model, in percent; and the class-matched
     membership AUC of the forget rows against the test split (:func:`membership_auc`)."""
     retain = (ds.train_x[retain_ids], ds.train_y[retain_ids])
-    auc, _ = membership_auc(model, (forget_x, forget_y), (ds.test_x, ds.test_y))
+    auc, _ = membership_auc(model, (forget_x, forget_y), ds.heldout())
     return {
         "membership_auc": auc,
         "forget_acc": accuracy(model, forget_x, forget_y),
@@ -274,7 +275,7 @@ def continual_batch(ds: ImageDataset, objective: str, k: int, rounds: int, seed:
     part = slice(r * k, (r + 1) * k)
     return ForgetSet.build(ds.train_x[ids[part]], y[part], objective,
                            None if new is None else new[part], num_classes=ds.num_classes,
-                           ids=ids[part], model=parent, heldout=(ds.test_x, ds.test_y))
+                           ids=ids[part], model=parent, heldout=ds.heldout())
 
 
 def continual_batches(ds: ImageDataset, objective: str, k: int, rounds: int,

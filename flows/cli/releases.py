@@ -79,7 +79,8 @@ def cmd_requests(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(table(batches, ["batch_id", "state", "rows", "version", "reason"]))
     print()
-    print(table(requests, ["batch_id", "row", "request_id", "instance_id", "objective",
+    keyed = ["instance_key"] if any(r.get("instance_key") for r in requests) else []
+    print(table(requests, ["batch_id", "row", "request_id", "instance_id", *keyed, "objective",
                            "new_label", "state", "version"]))
     return EXIT_OK
 

@@ -214,7 +214,7 @@ def test_adopt_a_state_dict_then_release_a_deletion(team, home, prefect_server,
 
 
 def test_adopt_from_another_mlflow_store_then_release_a_deletion(team, home, prefect_server,
-                                                                 write_params):
+                                                                 write_params, monkeypatch):
     _on_their_images(team, home, write_params)
     rc, result = cli_json("adopt", "--from-mlflow", "models:/their-model/1",
                           "--source-tracking-uri", team["store"], "--arch", ARCH, *CONTRACT)
@@ -225,6 +225,25 @@ def test_adopt_from_another_mlflow_store_then_release_a_deletion(team, home, pre
     rc, _out, err = cli("adopt", "--arch", ARCH, "--weights", team["weights"], *CONTRACT)
     assert rc == 2 and "already has 1 version(s)" in err and len(_versions(home)) == 1, err
     _delete_and_release(team, home)
+
+    # a release built on another device (here: its tag says so) is rebuilt, and verify says
+    # where each side was built: equal weights are reported as reproduced across devices,
+    # different ones as not comparable, never as a divergence it cannot prove
+    from mlflow import MlflowClient
+
+    import tasks.release
+
+    gpu = "cuda (NVIDIA H100 80GB HBM3, CUDA 13.0, torch 2.14.1)"
+    MlflowClient(tracking_uri=home.tracking_uri).set_model_version_tag(
+        "forget-classifier", "2", "device", gpu)
+    rc, out, err = cli("verify", "2")
+    assert rc == 0 and f"(built on {gpu}, rebuilt on cpu)" in out, out + err
+    rebuild = tasks.release.rebuild_release
+    monkeypatch.setattr(tasks.release, "rebuild_release", lambda *a, **k: {
+        **rebuild(*a, **k), "weights_sha256": "0" * 64})  # as GPU kernels would: other floats
+    rc, out, err = cli("verify", "2")
+    assert rc == 1 and f"NOT COMPARABLE here: built on {gpu}, rebuilt on cpu" in out, out + err
+    assert "cannot be compared here" in err and "DIVERGED" not in out, err
 
 
 def test_a_pickled_mlflow_model_needs_consent(team, home, prefect_server):
@@ -290,7 +309,19 @@ BAD = [  # (id, argv builder, message); every one: exit 2, one line, nothing reg
     ("no-source",
      lambda t, f: ["--arch", ARCH],
      "exactly one source"),
+    ("preprocessing-file-with-an-unknown-key",
+     lambda t, f: ["--arch", ARCH, "--weights", t["weights"], "--preprocessing",
+                   _json_file(f / "pre.json", {"size": 12})],
+     "expected a JSON object with keys among channels, classes, image_size, mean, std"),
+    ("std-of-zero",
+     lambda t, f: ["--arch", ARCH, "--weights", t["weights"], "--std", "0"],
+     "std must be positive"),
 ]
+
+
+def _json_file(path: Path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
 
 
 @pytest.mark.parametrize("argv, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
@@ -316,3 +347,21 @@ def test_timm_without_timm_says_how_to_install_it(team, home, prefect_server):
         assert rc == 2 and "pip install timm" in err, err
     else:  # installed: the architecture resolves, and these weights do not fit it
         assert rc == 2 and "do not fit timm:resnet18" in err, err
+
+
+def test_a_gpu_that_is_not_there_is_one_line(home, write_params, capfd):
+    """``runtime.device: cuda`` (or ``bench --device cuda``) on a machine without one."""
+    write_params(home.home, runtime={"device": "cuda"})
+    capfd.readouterr()
+    rc, _out, err = cli("pretrain")
+    bench_rc, _out, bench_err = cli("bench", "--serial", "--device", "cuda", "--k", "1")
+    err += bench_err + capfd.readouterr().err
+    if torch.cuda.is_available():  # then it is there: the same settings resolve to it
+        from unlearning.devices import resolve_device
+
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        assert rc == 2 and bench_rc == 2, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 2 and all("sees no GPU" in line for line in lines), err
+        assert not (home.mlruns / "mlflow.db").exists()

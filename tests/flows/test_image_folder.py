@@ -97,6 +97,8 @@ def test_release_of_a_keyed_batch(state):
     _, requests = cli_json("requests")
     rows = [r for r in requests["requests"] if r["batch_id"] == batch["batch_id"]]
     assert [r["instance_key"] for r in rows] == [*FORGET, RELABEL]
+    rc, out, _ = cli("requests")
+    assert rc == 0 and "instance_key" in out and RELABEL in out
 
 
 def test_dvc_tracks_the_index_not_the_images(state):
@@ -150,3 +152,21 @@ def test_verify_reproduces_then_names_a_changed_image(state):
         assert rc == 1 and "train/dots/0020.png changed" in last_line(err)
     finally:
         image.write_bytes(original)
+
+
+def test_a_ledger_from_before_keys_gains_the_column(tmp_path):
+    import sqlite3
+
+    from tasks.ledger import SCHEMA, Ledger
+
+    path = tmp_path / "ledger.db"
+    with sqlite3.connect(path) as db:  # the schema as it was: requests without instance_key
+        db.executescript(SCHEMA.replace("    instance_key TEXT,\n", ""))
+        assert "instance_key" not in {r[1] for r in db.execute("PRAGMA table_info(requests)")}
+    with Ledger(path) as ledger:
+        ledger.add_batch("b0001-x", 1, "pending", "m.csv", [
+            {"request_id": "r1", "instance_id": 3, "instance_key": "train/a/1.png",
+             "objective": "misclassify", "new_label": None},
+            {"request_id": "r2", "instance_id": 4, "objective": "misclassify",
+             "new_label": None}])
+        assert [r["instance_key"] for r in ledger.requests()] == ["train/a/1.png", None]

@@ -48,14 +48,17 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[Entry]]:
             raise DatasetError(f"{root / split / unknown[0]}: class {unknown[0]!r} has no "
                                "folder under train/ (the classes are train/'s folders)")
         for cls in found:
-            for folder, _, names in sorted(os.walk(root / split / cls, followlinks=True)):
+            top = os.path.join(root, split, cls)  # strings, not Paths: see lazy.py
+            for folder, _, names in sorted(os.walk(top, followlinks=True)):
+                rel = os.path.relpath(folder, root).replace(os.sep, "/")
                 for fname in sorted(names):
                     if not fname.lower().endswith(IMAGE_EXTENSIONS):
                         continue
-                    key = Path(folder, fname).relative_to(root).as_posix()
+                    key = f"{rel}/{fname}"
                     problem = key_problem(key)
                     if problem:
-                        raise DatasetError(f"image {root / key}: its key {key!r} {problem}")
+                        raise DatasetError(f"image {os.path.join(root, key)}: its key {key!r} "
+                                           f"{problem}")
                     entries.append(Entry(split, key, label[cls], key))
     return classes, entries
 

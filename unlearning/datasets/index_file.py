@@ -14,7 +14,7 @@ import csv
 import io
 import os
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from .core import DatasetError, ImageDataset
 from .lazy import INDEX_FILE, SPLITS, Entry, file_dataset, index_bytes, key_problem
@@ -67,7 +67,8 @@ def read_user_index(data_dir: str | os.PathLike) -> tuple[Path, list[str], list[
             if has_id:
                 key = values["id"]
             else:
-                key = PurePosixPath(file.replace("\\", "/")).as_posix()
+                key = "/".join(p for p in file.replace("\\", "/").split("/") if p not in ("", "."))
+                key = ("/" + key) if file.startswith(("/", "\\")) else key  # (refused below)
             problem = key_problem(key)
             if problem:
                 what = "id" if has_id else "path (the key without an id column)"

@@ -23,9 +23,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,8 @@ SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;L")
 DECODE_BATCH = 512  # images decoded at a time when a whole split is streamed
+# Per-image paths stay plain strings (os.path): pathlib interns every path component for the
+# life of the process, which would keep every file name of a large dataset in memory.
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def key_problem(key: str) -> str | None:
         return "holds control characters"
     if key.startswith(("/", "\\")) or (len(key) > 1 and key[1] == ":"):
         return "is an absolute path"
-    if ".." in PurePosixPath(key.replace("\\", "/")).parts:
+    if ".." in key.replace("\\", "/").split("/"):
         return "leaves the dataset root (..)"
     return None
 
@@ -79,6 +82,7 @@ class LazyImages:
     def __init__(self, root: Path, files: Sequence[str], shape: tuple[int, int, int],
                  resize: int = 0):
         self.root = Path(root)
+        self._root = os.fspath(root)
         self.files = tuple(files)
         c, h, w = (int(s) for s in shape)
         self.image_shape = (c, h, w)
@@ -140,15 +144,15 @@ class LazyImages:
         for start in range(0, len(self), size):
             yield self[start:start + size]
 
-    def path(self, i: int) -> Path:
-        return self.root / self.files[i]
+    def path(self, i: int) -> str:
+        return os.path.join(self._root, self.files[i])
 
     def read(self, i: int) -> torch.Tensor:
         """Row ``i`` decoded: (C, H, W) float32 in [0, 1]."""
         return decode_image(self.path(i), self.image_shape, self.resize)
 
 
-def decode_image(path: Path, shape: tuple[int, ...], resize: int = 0) -> torch.Tensor:
+def decode_image(path: str | Path, shape: tuple[int, ...], resize: int = 0) -> torch.Tensor:
     """One image file as ``ToTensor`` gives it; DatasetError (one line, naming the file) when
     it cannot be decoded or its size is not the dataset's."""
     from PIL import Image
@@ -233,7 +237,7 @@ def file_dataset(name: str, root: Path, entries: list[Entry], class_names: Seque
     )
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -254,7 +258,7 @@ def index_bytes(entries: list[Entry], class_names: Sequence[str], root: Path | N
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(INDEX_COLUMNS)
     for e in rows:
-        sha = sha256_file(root / e.path) if root is not None else ""
+        sha = sha256_file(os.path.join(root, e.path)) if root is not None else ""
         writer.writerow([e.split, e.key, e.label, class_names[e.label], sha, e.path])
     return out.getvalue().encode()
 
