@@ -148,8 +148,13 @@ class Ledger:
     def add_batch(self, batch_id: str, seq: int, state: str, source: str,
                   rows: list[dict[str, Any]], reason: str | None = None,
                   report: dict[str, Any] | None = None) -> None:
-        """Record a submitted batch and its requests in one transaction."""
+        """Record a submitted batch and its requests in one transaction. A rejected batch's
+        text values are cut to MAX_STORED_CHARS: what was refused may be huge, and the
+        listings read every row (accepted values are bounded by validation)."""
         now = time.time()
+        if state == "rejected":
+            rows = [{k: _bounded(v) for k, v in r.items()} for r in rows]
+            source = _bounded(source) or ""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
@@ -274,6 +279,19 @@ class Ledger:
 
     def promotions(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM promotions ORDER BY seq")]
+
+
+MAX_STORED_CHARS = 256  # a refused value is stored cut to this (accepted ids hold at most 128)
+
+
+def _bounded(value: Any) -> Any:
+    """A refused text value as stored: cut to MAX_STORED_CHARS, lone surrogates (which UTF-8
+    cannot hold) escaped."""
+    if not isinstance(value, str):
+        return value
+    if len(value) > MAX_STORED_CHARS:
+        value = value[: MAX_STORED_CHARS - 1] + "…"
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _batch(row: sqlite3.Row) -> Batch:

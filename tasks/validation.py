@@ -30,6 +30,7 @@ import json
 import math
 import re
 import stat
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +47,16 @@ INSTANCE_KEY = r"^[^\x00-\x1f\x7f]{1,1000}$"
 KEY_OUTSIDE_ROOT = r"^[/\\]|^[A-Za-z]:|(?:^|[/\\])\.\.(?:[/\\]|$)"
 OBJECTIVES = ("misclassify", "relabel", "as-if-unseen")
 INTEGER = r"^-?[0-9]{1,18}$"  # fits int64 (SQLite, pandas): longer digit strings are not ids
-# request ids: printable (no control characters: they reach terminals and logs), bounded
-REQUEST_ID = r"^[^\x00-\x1f\x7f]{1,128}$"
+# request ids: printable (they reach terminals and logs), bounded (request_id_problem)
+MAX_REQUEST_ID = 128
+# Unicode categories a request id may not hold: controls (C0, C1), format characters (zero-width
+# spaces, bidirectional overrides), line and paragraph separators, private use, surrogates,
+# unassigned code points: invisible or misleading where the id is shown
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
+# a JSON number token longer than this is refused unread (exit 2): no id or label needs it, and
+# converting a 5,000-digit integer is what Python refuses (and a bigger one would be slow)
+MAX_NUMBER_CHARS = 64
+MAX_REPORTED_CHARS = 200  # a value quoted in a validation report is cut to this
 MAX_MANIFEST_BYTES = 10 * 2**20  # a manifest file larger than this is refused unread
 MAX_MANIFEST_ROWS = 100_000      # and one with more rows than this is refused unvalidated
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -57,6 +66,49 @@ _RUN_IDS = itertools.count(1)
 
 class ManifestError(ValueError):
     """The manifest file cannot be read at all (missing, unknown format, broken JSON line)."""
+
+
+class JsonComposite(str):
+    """A JSON object or array where a manifest needs a scalar: a placeholder text, marked, so
+    the rules refuse it (``request_id_format``, ``instance_id_integer``...) and the ledger
+    keeps None instead of its string form."""
+
+
+class _NumberTooLong(Exception):
+    def __init__(self, length: int):
+        self.length = length
+
+
+def _number(token: str) -> str:
+    """A JSON number kept as written (nothing converts it here), once its length is bounded."""
+    if len(token) > MAX_NUMBER_CHARS:
+        raise _NumberTooLong(len(token))
+    return token
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def request_id_problem(value: str | None) -> str | None:
+    """Why ``value`` cannot be a request id (None if it can; an absent id is another rule):
+    a JSON object or array, longer than MAX_REQUEST_ID characters, or holding a character of
+    a REFUSED_CATEGORIES category."""
+    if value is None:
+        return None
+    if isinstance(value, JsonComposite):
+        return "a JSON object or array, not a string"
+    if len(value) > MAX_REQUEST_ID:
+        return f"{len(value)} characters, over {MAX_REQUEST_ID}"
+    for ch in value:
+        category = unicodedata.category(ch)
+        if category in REFUSED_CATEGORIES:
+            return f"character U+{ord(ch):04X} ({category}) is not printable"
+    return None
 
 
 @dataclass(frozen=True)
@@ -123,17 +175,27 @@ def parse_manifest(data: bytes, path: str | Path) -> pd.DataFrame:
         raise ManifestError(f"{path} is not UTF-8 text (byte {e.start})") from None
     if path.suffix.lower() in JSON_SUFFIXES:
         records = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        # lines end at "\n" only: U+2028, U+0085... may sit inside a JSON string
+        for n, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_int=_number, parse_float=_number,
+                                 parse_constant=str)
+            except _NumberTooLong as e:
+                raise ManifestError(f"{path} line {n}: a number of {e.length} characters (at "
+                                    f"most {MAX_NUMBER_CHARS})") from None
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{path} line {n}: not valid JSON ({e.msg})") from None
             except RecursionError:
                 raise ManifestError(f"{path} line {n}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise ManifestError(f"{path} line {n}: expected a JSON object")
+            bad = next((t for t in (*obj, *obj.values()) if isinstance(t, str)
+                        and not _encodable(t)), None)
+            if bad is not None:  # a "\ud800" escape: not text UTF-8 (or the ledger) can hold
+                raise ManifestError(f"{path} line {n}: {ascii(bad)[:60]} is not valid Unicode "
+                                    "(a lone surrogate)")
             records.append(obj)
             _check_rows(path, len(records))
         columns = list(dict.fromkeys(k for r in records for k in r))
@@ -180,9 +242,12 @@ def _read_csv(text: str, path: Path) -> pd.DataFrame:
 
 
 def _as_text(value: Any) -> str | None:
-    """Cell -> stripped text, None for empty; JSON numbers keep their written form."""
+    """Cell -> stripped text, None for empty; JSON numbers keep their written form; a JSON
+    object or array becomes a JsonComposite placeholder (never its string form)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
+    if isinstance(value, (dict, list)):
+        return JsonComposite(f"<JSON {'object' if isinstance(value, dict) else 'array'}>")
     text = str(value).strip()
     return text or None
 
@@ -200,15 +265,18 @@ def typed_rows(raw: pd.DataFrame, train_keys: Mapping[str, int] | None = None
     def as_int(v: Any) -> int | None:
         return int(v) if isinstance(v, str) and re.fullmatch(INTEGER, v) else None
 
+    def text(v: Any) -> str | None:  # a JSON object or array is not kept as its string form
+        return None if isinstance(v, JsonComposite) else v
+
     by_key = keyed(raw)
     rows = []
     for row in raw.to_dict("records"):
         key = row.get("instance_key") if by_key else None
         rows.append({
-            "request_id": row.get("request_id"),
+            "request_id": text(row.get("request_id")),
             "instance_id": (train_keys or {}).get(key) if by_key and key is not None
             else None if by_key else as_int(row.get("instance_id")),
-            "objective": row.get("objective"),
+            "objective": text(row.get("objective")),
             "new_label": as_int(row.get("new_label")),
         })
         if by_key:
@@ -236,8 +304,9 @@ def _schema_suite(ctx: ValidationContext, by_key: bool = False) -> list:
         gxe.ExpectTableRowCountToBeBetween(max_value=ctx.max_batch_size,
                                            meta={"rule": "batch_size_limit"}),
         gxe.ExpectColumnValuesToNotBeNull(column="request_id", meta={"rule": "request_id_present"}),
-        gxe.ExpectColumnValuesToMatchRegex(column="request_id", regex=REQUEST_ID,
-                                           meta={"rule": "request_id_format"}),
+        # printable, bounded, a string (request_id_problem): column made by _schema_frame
+        gxe.ExpectColumnValuesToBeNull(column="request_id_refused",
+                                       meta={"rule": "request_id_format"}),
         gxe.ExpectColumnValuesToNotBeNull(column="instance_id",
                                           meta={"rule": "instance_id_present"}),
         gxe.ExpectColumnValuesToNotBeNull(column="objective", meta={"rule": "objective_present"}),
@@ -446,7 +515,9 @@ def _run_suite(name: str, frame: pd.DataFrame, expectations: list) -> tuple[dict
 
 
 def _jsonable(v: Any) -> Any:
-    if v is None or isinstance(v, (str, bool, int, float)):
+    if isinstance(v, str):  # a refused value may be huge: reports quote its start
+        return v if len(v) <= MAX_REPORTED_CHARS else v[: MAX_REPORTED_CHARS - 1] + "…"
+    if v is None or isinstance(v, (bool, int, float)):
         return v
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
@@ -471,7 +542,7 @@ def validate_manifest(raw: pd.DataFrame, ctx: ValidationContext, images_of=None,
     moved = by_key and accepted_ids is not None
     stages: list[tuple[str, Any]] = [
         ("manifest_columns", lambda: (raw, _columns_suite(by_key))),
-        ("manifest_schema", lambda: (raw, _schema_suite(ctx, by_key))),
+        ("manifest_schema", lambda: (_schema_frame(raw), _schema_suite(ctx, by_key))),
         ("manifest_rules", lambda: (_typed_frame(raw, ctx, accepted_ids if moved else None),
                                     _rules_suite(ctx, by_key, moved))),
     ]
@@ -485,6 +556,16 @@ def validate_manifest(raw: pd.DataFrame, ctx: ValidationContext, images_of=None,
         if failures:
             break
     return {"success": not failures, "failures": failures, "suites": suites, "rows": len(raw)}
+
+
+def _schema_frame(raw: pd.DataFrame) -> pd.DataFrame:
+    """The manifest plus ``request_id_refused``: each request id that request_id_problem
+    refuses (None where it is fine), so the rule reports the rows and values."""
+    frame = raw.copy()
+    frame["request_id_refused"] = pd.Series(
+        [v if request_id_problem(v) else None for v in raw["request_id"]], dtype=object,
+        index=raw.index)
+    return frame
 
 
 def _images_stage(raw: pd.DataFrame, images_of, ctx: ValidationContext):

@@ -25,14 +25,25 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
 
+MAX_CELL = 120  # a table cell is cut to this many characters (the JSON output keeps it all)
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
         return f"{v:.2f}"
     if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v) or "-"
-    return str(v)
+        return _shown(",".join(str(x) for x in v[:50]) or "-")
+    return _shown(str(v))
+
+def _shown(text: str) -> str:
+    """Printable (control, format and separator characters escaped: a stored value never
+    drives the terminal) and at most MAX_CELL characters."""
+    text = text[: MAX_CELL * 8]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 def finish(result: dict[str, Any], as_json: bool, ok_line: str) -> int:
     """Print a flow's result; a refusal or failure becomes exit 1 with its reason."""
