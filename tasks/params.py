@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 
 class ParamsError(ValueError):
@@ -28,7 +29,8 @@ class ParamsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # floats are finite everywhere (NaN passes every comparison; .inf trains nothing)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class DatasetParams(_Section):
@@ -60,12 +62,12 @@ class DatasetParams(_Section):
 
 class PretrainParams(_Section):
     arch: str = "small-cnn"
-    epochs: int = Field(default=30, ge=1)
-    batch_size: int = Field(default=128, ge=1)
+    epochs: int = Field(default=30, ge=1, le=10_000)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
     lr: float = Field(default=0.05, gt=0)
-    momentum: float = Field(default=0.9, ge=0)
-    weight_decay: float = Field(default=5e-4, ge=0)
-    seed: int = 0
+    momentum: float = Field(default=0.9, ge=0, le=1)
+    weight_decay: float = Field(default=5e-4, ge=0, le=1)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     augment: bool = False
 
     @field_validator("arch")
@@ -78,21 +80,28 @@ class PretrainParams(_Section):
 
 
 class ValidationParams(_Section):
-    max_batch_size: int = Field(default=256, ge=1)
+    max_batch_size: int = Field(default=256, ge=1, le=100_000)  # (a manifest's row cap)
 
 
 class UnlearnParams(_Section):
+    # the method's params are checked by its config (make_config), with messages that name
+    # the key; NaN/inf reach it rather than a union error from pydantic
+    model_config = ConfigDict(allow_inf_nan=True)
+
     method: str = "l2ul"
-    seed: int = 0  # mixed with each batch id into that batch's seed
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)  # mixed with each batch id
     include_earlier: bool = True  # earlier deletions join the forget set, so they stay deleted
     params: dict[str, int | float | bool | str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _method_params(self) -> UnlearnParams:
-        from unlearning.methods import make_config
+        from unlearning.methods import MethodConfigError, make_config
 
         try:
             make_config(self.method, self.params)
+        except MethodConfigError as e:  # a value out of range: named as unlearn.params.KEY
+            raise PydanticCustomError("method_param", "{detail}",
+                                      {"key": e.key, "detail": e.detail}) from None
         except (KeyError, ValueError) as e:
             raise ValueError(str(e).strip("'\"")) from None
         return self
@@ -100,7 +109,7 @@ class UnlearnParams(_Section):
 
 class EvaluateParams(_Section):
     mia: bool = True  # membership-inference metrics (reported, not gated)
-    mia_max_per_side: int = Field(default=500, ge=10)
+    mia_max_per_side: int = Field(default=500, ge=10, le=1_000_000)
 
 
 class GatesParams(_Section):
@@ -111,6 +120,11 @@ class GatesParams(_Section):
     # within this many standard errors of chance (0.5), on either side
     max_membership_z: float = Field(default=3.0, gt=0)
     require_finite_weights: bool = True
+    # the whole history, not only each step: held-out accuracy lost since the base model (the
+    # last exact model: pretrained or adopted), and what the base itself must reach (percent;
+    # chance is 10% on the bundled 10-class sets, 1% on CIFAR-100)
+    max_cumulative_drop: float = Field(default=10.0, ge=0, le=100)
+    min_base_accuracy: float = Field(default=20.0, ge=0, le=100)
 
 
 class RegistryParams(_Section):
@@ -119,7 +133,7 @@ class RegistryParams(_Section):
 
 
 class RuntimeParams(_Section):
-    torch_threads: int = Field(default=1, ge=0)  # 0: torch's default
+    torch_threads: int = Field(default=1, ge=0, le=256)  # 0: torch's default
     device: str = "auto"  # auto (a GPU when torch sees one) | cpu | cuda | cuda:N
 
     @field_validator("device")
@@ -186,6 +200,9 @@ def _describe(e: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in err["loc"] if p)
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
+        elif err["type"] == "method_param":  # make_config's own check, on one key
+            ctx = err.get("ctx") or {}
+            parts.append(f"{key}.params.{ctx.get('key')}: {ctx.get('detail')}")
         elif err["type"] == "value_error":
             parts.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
         else:

@@ -15,9 +15,16 @@ from . import (  # noqa: F401  (registration side effect)
     ssd,
 )
 from .loop import UnlearnResult
-from .registry import MethodInfo, get_method, list_methods, make_config, unlearn
+from .registry import (
+    MethodConfigError,
+    MethodInfo,
+    get_method,
+    list_methods,
+    make_config,
+    unlearn,
+)
 
 __all__ = [
-    "OBJECTIVES", "ForgetSet", "MethodInfo", "RetainSample", "UnlearnResult", "get_method",
+    "OBJECTIVES", "ForgetSet", "MethodConfigError", "MethodInfo", "RetainSample", "UnlearnResult", "get_method",
     "list_methods", "make_config", "unlearn",
 ]

@@ -59,7 +59,7 @@ from ..importance import anchor_penalty, inverted_importance, mas_importance
 from ..objectives import OBJECTIVES, confidence_logit
 from ..synthesis import has_batchnorm, invert_batchnorm
 from .loop import Context
-from .registry import register
+from .registry import MethodConfigError, register
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,23 @@ class L2ULConfig:
     retain_decay: float = 0.995  # per step, on the retain sample's anchor (1 = constant)
     retain_relax_always_after: float = 0.0  # replaces relax_always_after when a retain sample is given
     max_steps: int = 800
+
+    def __post_init__(self) -> None:
+        """Values the loop cannot use are refused here, naming the key (params.yaml is checked
+        when it is loaded, not when a batch runs); ranges common to every method (finite
+        floats, positive lr, counts) are ``registry.check_ranges``."""
+        for key, allowed in (("forget_loss", ("margin", "neg-ce")), ("anchor_loss", ("kl", "ce")),
+                             ("optimizer", ("adam", "sgd"))):
+            if getattr(self, key) not in allowed:
+                raise MethodConfigError(key, f"must be one of {', '.join(allowed)}, got "
+                                             f"{getattr(self, key)!r}")
+        for key in ("relax_always_after", "retain_relax_always_after"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise MethodConfigError(key, f"must be a share in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.relax_progress < 1:
+            raise MethodConfigError("relax_progress", f"must be in [0, 1), got {self.relax_progress}")
+        if not self.neighbour_weight >= 0:
+            raise MethodConfigError("neighbour_weight", f"must be >= 0, got {self.neighbour_weight}")
 
 
 def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float,

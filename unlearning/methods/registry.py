@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,8 +61,44 @@ def get_method(name: str) -> MethodInfo:
     return _REGISTRY[name]
 
 
+class MethodConfigError(ValueError):
+    """One parameter of a method's config is out of range: ``key`` and why (``detail``);
+    ``method`` once known ("invalid l2ul config: lr: must be ...")."""
+
+    def __init__(self, key: str, detail: str, method: str | None = None):
+        super().__init__(f"invalid {method} config: {key}: {detail}" if method
+                         else f"{key}: {detail}")
+        self.key, self.detail, self.method = key, detail, method
+
+
+# integer parameters that count steps, epochs or rows per batch: at least one
+_AT_LEAST_ONE = ("max_steps", "epochs")
+
+
+def check_ranges(config: Any) -> None:
+    """The checks every method config gets (MethodConfigError naming the first key that
+    fails): floats finite, a learning rate (``lr``, ``*_lr``) positive, integers not negative,
+    ``max_steps``, ``epochs`` and batch sizes at least 1."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float):
+            if f.name == "lr" or f.name.endswith("_lr"):
+                if not (math.isfinite(value) and value > 0):
+                    raise MethodConfigError(f.name, "must be a positive finite number, got "
+                                                    f"{value:g}")
+            elif not math.isfinite(value):
+                raise MethodConfigError(f.name, f"must be a finite number, got {value:g}")
+        elif isinstance(value, int):
+            low = 1 if f.name in _AT_LEAST_ONE or "batch" in f.name else 0
+            if value < low:
+                raise MethodConfigError(f.name, f"must be an integer >= {low}, got {value}")
+
+
 def make_config(name: str, params: dict[str, Any] | None = None):
-    """The method's config with ``params`` applied; unknown keys and wrong types are errors."""
+    """The method's config with ``params`` applied; unknown keys and wrong types are errors,
+    and so are values out of range (``check_ranges``, and a config's own ``__post_init__``)."""
     cls = get_method(name).config_cls
     params = dict(params or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -76,7 +113,12 @@ def make_config(name: str, params: dict[str, Any] | None = None):
             params[key] = float(value)
         elif not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise ValueError(f"{name}.{key} must be {expected.__name__}, got {value!r}")
-    return dataclasses.replace(defaults, **params)
+    try:
+        config = dataclasses.replace(defaults, **params)
+        check_ranges(config)
+    except MethodConfigError as e:
+        raise MethodConfigError(e.key, e.detail, name) from None
+    return config
 
 
 def unlearn(
@@ -91,6 +133,10 @@ def unlearn(
     """Run ``method`` on a copy of ``model``; the original is never modified."""
     info = get_method(method)
     config: Any = params if dataclasses.is_dataclass(params) else make_config(method, params)
+    try:
+        check_ranges(config)
+    except MethodConfigError as e:
+        raise MethodConfigError(e.key, e.detail, method) from None
     if info.needs_retain and retain is None:
         raise ValueError(f"method {method!r} needs a retain sample")
     if retain is not None and not info.accepts_retain:
