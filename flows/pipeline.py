@@ -36,6 +36,7 @@ from tasks.steps import (
     gate_candidate,
     mark_candidate,
     promote_model,
+    record_attempt,
     record_batch,
     record_release,
     register_model,
@@ -100,6 +101,7 @@ def pretrain_flow(home: str | None = None, dataset: str | None = None, arch: str
                 f"{cfg.registry.model_name} already has {len(existing)} version(s); a new base "
                 "model would not contain the deletions applied so far. Use a fresh state folder "
                 "(UNLEARN_HOME) to start over")}
+        record_attempt(paths, [], {"kind": "pretrain"})  # the ledger takes writes: then register
         trained = train_model(paths, cfg)
         data = release.dataset_of(cfg)
         spec = trained["spec"]
@@ -291,7 +293,8 @@ def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str) -> di
         version, metrics, gates = adopted
         _publish(paths, cfg, version, champion, [batch_id], gates["passed"])
         unlearn_seconds = metrics.get("unlearn_seconds", 0.0)
-    else:
+    else:  # the ledger accepts the attempt before anything is registered for it
+        record_attempt(paths, [batch_id], {"kind": "release", "parent": champion})
         parent = fetch_model(paths, cfg, champion)
         with Ledger(paths.ledger) as ledger:
             earlier = ledger.covered_batches(champion)
@@ -407,6 +410,7 @@ def _unknown(cfg: PipelineParams, version: int) -> dict[str, Any]:
 
 def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) -> dict[str, Any]:
     """Apply ``missing`` batches in order onto ``target``; register the result as one version."""
+    record_attempt(paths, missing, {"kind": "replay", "onto": target})  # before registering
     base = fetch_model(paths, cfg, target)
     with Ledger(paths.ledger) as ledger:
         earlier = ledger.covered_batches(target)

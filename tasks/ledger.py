@@ -130,14 +130,36 @@ class Ledger:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
-        self.db.execute("BEGIN IMMEDIATE")
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error. A ledger that cannot be
+        written (read-only file or mount, full disk, locked past the timeout) raises
+        LedgerError: one line, nothing changed."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise self._unwritable(e) from None
         try:
             yield self.db
+        except sqlite3.OperationalError as e:
+            self._rollback()
+            raise self._unwritable(e) from None
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            self._rollback()
+            raise self._unwritable(e) from None
+
+    def _rollback(self) -> None:
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # no transaction left to roll back (SQLite ended it with the error)
+
+    def _unwritable(self, e: sqlite3.Error) -> LedgerError:
+        return LedgerError(f"the ledger {self.path} cannot be written ({e}); nothing was "
+                           "changed: make it writable (or free the disk) and retry")
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -183,6 +205,26 @@ class Ledger:
             if promotion is not None:
                 self._promote(db, *promotion, note=batch_id)
             fault("in:record_batch")
+
+    def accept_attempt(self, batch_ids: list[str], attempt: dict[str, Any]) -> None:
+        """The first write of a release: before anything is registered for ``batch_ids``, the
+        attempt (what, onto which version) joins each batch's report, in one transaction. A
+        ledger that cannot be written raises LedgerError here, so no model version exists
+        that the ledger does not know. With no batches (a new base model) it only proves
+        that the ledger takes writes."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("UPDATE batches SET updated=updated WHERE 0")  # a write, even with none
+            for batch_id in batch_ids:
+                row = db.execute("SELECT report FROM batches WHERE batch_id=?",
+                                 (batch_id,)).fetchone()
+                if row is None:
+                    continue
+                report = json.loads(row[0]) if row[0] else {}
+                attempts = list(report.get("attempts") or [])[-9:]  # the last ten are kept
+                report["attempts"] = [*attempts, {**attempt, "at": now}]
+                db.execute("UPDATE batches SET report=? WHERE batch_id=?",
+                           (json.dumps(report), batch_id))
 
     def batch(self, batch_id: str) -> Batch | None:
         row = self.db.execute("SELECT * FROM batches WHERE batch_id=?", (batch_id,)).fetchone()

@@ -19,10 +19,20 @@ from unlearning.progress import ProgressLine
 from . import datastore, registry, release
 from .faults import fault
 from .gates import check_gates
-from .ledger import Ledger
+from .ledger import Ledger, LedgerError
 from .params import GatesParams, PipelineParams
 from .paths import Paths
 from .submit import revalidate
+
+
+def _may_pass(task, task_run, state) -> bool:
+    """Retry what may pass on a second try (a busy store, a dropped connection), not what
+    fails the same way again: a checkpoint that does not match its hash, a version the
+    registry lacks, a ledger that cannot be read or written."""
+    from unlearning.models import CheckpointError
+
+    return not isinstance(getattr(state, "data", None),
+                          (CheckpointError, registry.RegistryError, LedgerError))
 
 
 def _progress(label: str, fn):
@@ -41,7 +51,8 @@ def validate_forget_set(paths: Paths, cfg: PipelineParams, batch_id: str,
     return revalidate(paths, cfg, batch_id, image_shape)
 
 
-@task(name="fetch-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="fetch-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=_may_pass)
 def fetch_model(paths: Paths, cfg: PipelineParams, version: int) -> dict[str, Any]:
     """Download a version's weights-only checkpoint; verify its weights_sha256."""
     client = registry.connect(paths, cfg)
@@ -91,14 +102,16 @@ def gate_candidate(metrics: dict[str, Any], gates: GatesParams, out: Path) -> di
     return data
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=_may_pass)
 def register_model(paths: Paths, cfg: PipelineParams, **kwargs: Any) -> int:
     """An MLflow run and model version (tags: lineage, metrics, gates_passed)."""
     registry.connect(paths, cfg)
     return registry.register_release(paths, cfg, **kwargs)
 
 
-@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=_may_pass)
 def promote_model(paths: Paths, cfg: PipelineParams, version: int) -> int | None:
     """Point ``champion`` at ``version`` (drop ``candidate`` if it named it); return the old one."""
     client = registry.connect(paths, cfg)
@@ -111,7 +124,8 @@ def promote_model(paths: Paths, cfg: PipelineParams, version: int) -> int | None
     return previous
 
 
-@task(name="mark-candidate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="mark-candidate", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=_may_pass)
 def mark_candidate(paths: Paths, cfg: PipelineParams, version: int, passed: bool) -> None:
     """A passing version gets the ``candidate`` alias; a failing one keeps no alias."""
     if passed:
@@ -120,7 +134,8 @@ def mark_candidate(paths: Paths, cfg: PipelineParams, version: int, passed: bool
                                           str(version))
 
 
-@task(name="record", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="record", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=_may_pass)
 def record_batch(paths: Paths, batch_id: str, state: str, version: int | None = None,
                  reason: str | None = None, report: dict[str, Any] | None = None,
                  promotion: tuple[int, int | None, str] | None = None) -> None:
@@ -130,14 +145,24 @@ def record_batch(paths: Paths, batch_id: str, state: str, version: int | None = 
                          promotion=promotion)
 
 
-@task(name="record-release", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="record-attempt", cache_policy=NO_CACHE)
+def record_attempt(paths: Paths, batch_ids: list[str], attempt: dict[str, Any]) -> None:
+    """The ledger accepts the attempt before anything is registered (LedgerError if it
+    cannot be written: then nothing is)."""
+    with Ledger(paths.ledger) as ledger:
+        ledger.accept_attempt(batch_ids, attempt)
+
+
+@task(name="record-release", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=_may_pass)
 def record_release(paths: Paths, version: int, parent: int | None, batches: list[str],
                    passed: bool) -> None:
     with Ledger(paths.ledger) as ledger:
         ledger.add_release(version, parent, batches, passed)
 
 
-@task(name="track-data", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@task(name="track-data", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
+      retry_condition_fn=_may_pass)
 def track_data(paths: Paths, cfg: PipelineParams, version: int, export: bool = False) -> str:
     """Mirror the ledger into data/releases.json, ``dvc add data``, and record the resulting
     data revision as the version's ``data_rev``: the data/ that can rebuild it."""

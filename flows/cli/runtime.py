@@ -10,6 +10,7 @@ otherwise.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -90,9 +91,34 @@ def temporary_server_dies_with_us() -> None:
     finally:
         prefect_server.subprocess = real
 
+class _NoPrefectErrors:
+    """A console-handler filter: Prefect's ERROR records (a task or flow run failed, with the
+    traceback) stay off the terminal; the command prints the one-line error instead. The run
+    keeps its logs in Prefect (the API handler is not filtered)."""
+
+    def filter(self, record) -> bool:
+        return not (record.name.startswith("prefect") and record.levelno >= logging.ERROR)
+
+
+_QUIET = _NoPrefectErrors()
+
+
+def quiet_prefect_errors() -> None:
+    """Keep Prefect's failure tracebacks off stderr (``UNLEARN_DEBUG=1`` keeps them): every
+    error a command hits is one line, printed by ``flows.cli.main``."""
+    if os.environ.get("UNLEARN_DEBUG"):
+        return
+    import prefect  # noqa: F401  (configures logging: the console handler exists after this)
+
+    for handler in logging.getLogger().handlers:
+        if handler.__class__.__name__ == "PrefectConsoleHandler" and _QUIET not in handler.filters:
+            handler.addFilter(_QUIET)
+
+
 def run_flow(flow_fn, **kwargs: Any) -> dict[str, Any]:
-    """Call a flow; an unexpected error becomes a one-line failure (Prefect logged the
-    traceback; the ledger left every unfinished batch pending)."""
+    """Call a flow; an unexpected error becomes a one-line failure (Prefect keeps the
+    traceback in the run's logs; the ledger left every unfinished batch pending)."""
+    quiet_prefect_errors()
     temporary_server_dies_with_us()
     try:
         return flow_fn(**kwargs)
