@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger
 from tasks import registry, release
 from tasks.adopt import write_base
 from tasks.faults import fault
+from tasks.gates import check_base_gates
 from tasks.ledger import Ledger
 from tasks.lineage import LineageError, guard, missing_reason, previous_champion, reconcile
 from tasks.locks import file_lock, lock_holder
@@ -105,26 +106,36 @@ def pretrain_flow(home: str | None = None, dataset: str | None = None, arch: str
         trained = train_model(paths, cfg)
         data = release.dataset_of(cfg)
         spec = trained["spec"]
+        metrics = {k: trained[k] for k in ("train_acc", "test_acc")}
+        metrics["test_acc_before"] = metrics["test_acc"]
+        metrics["weights_finite"] = float(trained["weights_finite"])
+        gates = check_base_gates(metrics, cfg.gates)  # a base that fails is kept for audit
         tags = {
             "parent_version": "none", "batch_id": "none", "request_ids": "", "objective": "none",
             "method": "pretrain", "dataset": cfg.dataset.name, "arch": spec["arch"],
             "input_shape": f"{spec['in_channels']}x{spec['image_size']}x{spec['image_size']}",
-            "seed": cfg.pretrain.seed, "status": "passed", "gates_passed": "true",
+            "seed": cfg.pretrain.seed, "status": "passed" if gates.passed else "failed",
+            "gates_passed": "true" if gates.passed else "false",
+            "gate_failures": ",".join(gates.failures),
             **_revs(paths, cfg), "weights_sha256": trained["weights_sha256"],
             "device": trained["device"],
         }
-        metrics = {k: trained[k] for k in ("train_acc", "test_acc")}
-        metrics["test_acc_before"] = metrics["test_acc"]
         version = register_model(
             paths, cfg, run_name="pretrain", checkpoint=trained["path"], tags=tags,
             metrics={**metrics, "train_seconds": trained["seconds"]},
             params={k: v for k, v in cfg.flat().items()
                     if k.split(".")[0] in ("dataset", "pretrain")},
             artifacts={}, input_example=data.test_x[:4].numpy())
-        record_release(paths, version, None, [], True)
+        record_release(paths, version, None, [], gates.passed)
         write_base(paths, {"kind": "pretrain", "arch": spec["arch"],
                            "weights_sha256": trained["weights_sha256"]})
         track_data(paths, cfg, version, export=True)  # data/dataset, data.dvc -> data_rev
+        if not gates.passed:
+            return {"status": "failed", "version": version, **metrics,
+                    "seconds": trained["seconds"], "gates": gates.to_dict(),
+                    "reason": f"version {version}, the base model, failed its gates: "
+                              f"{gates.summary()}; kept for audit, not champion (fix "
+                              "params.yaml and start a fresh state folder)"}
         promote_model(paths, cfg, version)
         with Ledger(paths.ledger) as ledger:
             ledger.record_promotion(version, None, "pretrain")
@@ -162,6 +173,10 @@ def adopt_flow(request: dict[str, Any], home: str | None = None) -> dict[str, An
         registry.connect(paths, cfg)
         data = release.dataset_of(cfg)
         spec = adopted["spec"]
+        metrics = {"test_acc": adopted["test_acc"], "train_acc": adopted["train_acc"],
+                   "test_acc_before": adopted["test_acc"],
+                   "weights_finite": float(_finite_weights(adopted["path"]))}
+        gates = check_base_gates(metrics, cfg.gates)  # a base that fails is kept for audit
         tags = {
             "parent_version": "none", "batch_id": "none", "request_ids": "", "objective": "none",
             "method": "adopt", "dataset": cfg.dataset.name, "arch": spec["arch"],
@@ -170,11 +185,11 @@ def adopt_flow(request: dict[str, Any], home: str | None = None) -> dict[str, An
             "classes": json.dumps(adopted["classes"]),
             "source": adopted["source"], "source_sha256": adopted["source_sha256"],
             "source_format": adopted["source_format"],
-            "status": "passed", "gates_passed": "true", **_revs(paths, cfg),
+            "status": "passed" if gates.passed else "failed",
+            "gates_passed": "true" if gates.passed else "false",
+            "gate_failures": ",".join(gates.failures), **_revs(paths, cfg),
             "weights_sha256": adopted["weights_sha256"], "device": adopted["device"],
         }
-        metrics = {"test_acc": adopted["test_acc"], "train_acc": adopted["train_acc"],
-                   "test_acc_before": adopted["test_acc"]}
         params = {k: v for k, v in cfg.flat().items() if k.split(".")[0] == "dataset"}
         params.update({f"adopt.{k}": v for k, v in request.items() if v is not None})
         version = register_model(
@@ -182,8 +197,13 @@ def adopt_flow(request: dict[str, Any], home: str | None = None) -> dict[str, An
             metrics={**metrics, "adopt_seconds": adopted["seconds"]}, params=params,
             artifacts={"adopt": [str(paths.data / "base" / "source.json")]},
             input_example=data.test_x[:4].numpy())
-        record_release(paths, version, None, [], True)
+        record_release(paths, version, None, [], gates.passed)
         track_data(paths, cfg, version, export=True)  # data/dataset, data/base -> data_rev
+        if not gates.passed:
+            return {"status": "failed", "version": version, **metrics,
+                    "gates": gates.to_dict(),
+                    "reason": f"version {version}, the adopted base model, failed its gates: "
+                              f"{gates.summary()}; kept for audit, not champion"}
         promote_model(paths, cfg, version)
         with Ledger(paths.ledger) as ledger:
             ledger.record_promotion(version, None, "adopt")
@@ -193,6 +213,14 @@ def adopt_flow(request: dict[str, Any], home: str | None = None) -> dict[str, An
             "warnings": adopted["warnings"],
             **{k: adopted[k] for k in ("source", "source_sha256", "source_format", "device",
                                        "input_contract", "weights_sha256")}}
+
+
+def _finite_weights(checkpoint: str) -> bool:
+    from unlearning.models import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    return all(bool(t.isfinite().all()) for t in model.state_dict().values()
+               if t.is_floating_point())
 
 
 def _revs(paths: Paths, cfg: PipelineParams) -> dict[str, str]:
@@ -275,6 +303,42 @@ def _adopt(paths: Paths, cfg: PipelineParams, client, batch_id: str,
     return int(mv.version), metrics, gates
 
 
+def base_test_acc(paths: Paths, cfg: PipelineParams, client,
+                  version: int) -> tuple[int, float] | None:
+    """The base model of ``version``'s lineage (its first ancestor in the ledger: pretrained
+    or adopted, the last exact model) and the held-out accuracy recorded on it."""
+    with Ledger(paths.ledger) as ledger:
+        current, seen = version, set()
+        while current not in seen:
+            seen.add(current)
+            rel = ledger.release(current)
+            if rel is None:
+                return None
+            if rel["parent"] is None:
+                break
+            current = int(rel["parent"])
+    mv = registry.version_info(client, cfg.registry.model_name, current)
+    try:
+        acc = client.get_run(mv.run_id).data.metrics.get("test_acc")
+    except Exception:  # noqa: BLE001  (a deleted run: the version's tag holds it too)
+        acc = None
+    if acc is None and "test_acc" in mv.tags:
+        acc = float(mv.tags["test_acc"])
+    return None if acc is None else (current, float(acc))
+
+
+def cumulative_drop(paths: Paths, cfg: PipelineParams, client, parent: int,
+                    metrics: dict[str, Any]) -> dict[str, Any]:
+    """``base_version``, ``base_test_acc`` and ``cumulative_drop`` (held-out points lost since
+    the base of ``parent``'s lineage) for a candidate's metrics; the gate bounds the last, so
+    many small drops cannot add up unseen. Empty when no base is recorded."""
+    base = base_test_acc(paths, cfg, client, parent)
+    if base is None or metrics.get("test_acc") is None:
+        return {}
+    return {"base_version": base[0], "base_test_acc": base[1],
+            "cumulative_drop": base[1] - float(metrics["test_acc"])}
+
+
 def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str) -> dict[str, Any]:
     """Validate, unlearn, evaluate, gate, register and (if it passes) promote one batch."""
     start = time.perf_counter()
@@ -301,6 +365,7 @@ def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str) -> di
         out = paths.batch_dir(batch_id) / "candidate.pt"
         candidate = run_unlearning(paths, cfg, parent, batch_id, earlier, out)
         metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, earlier)
+        metrics.update(cumulative_drop(paths, cfg, client, champion, metrics))
         gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
         version = _register(paths, cfg, parent, [batch_id], candidate, metrics, gates,
                             run_name=f"unlearn-{batch_id}")
@@ -414,11 +479,13 @@ def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) 
     base = fetch_model(paths, cfg, target)
     with Ledger(paths.ledger) as ledger:
         earlier = ledger.covered_batches(target)
+    client = registry.connect(paths, cfg)
     current, steps = base, list[dict[str, Any]]()
     for batch_id in missing:
         out = paths.artifacts / "replay" / f"from-v{target}" / batch_id / "candidate.pt"
         candidate = run_unlearning(paths, cfg, current, batch_id, earlier, out)
         metrics = evaluate_model(paths, cfg, current, candidate, batch_id, earlier)
+        metrics.update(cumulative_drop(paths, cfg, client, target, metrics))
         gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
         steps.append({"batch_id": batch_id, "gates": gates, "metrics": metrics})
         earlier = earlier + [batch_id]

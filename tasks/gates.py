@@ -70,6 +70,14 @@ def check_gates(metrics: dict[str, Any], gates: GatesParams) -> GateReport:
     else:
         at_least("earlier_deletions_hold", earlier, gates.min_earlier_objective_rate,
                  "objective rate on earlier deletions")
+    cumulative = metrics.get("cumulative_drop")
+    if cumulative is not None or "base_test_acc" in metrics:  # None: no base known (a rebuild)
+        ok = cumulative is not None and cumulative <= gates.max_cumulative_drop
+        checks.append(GateCheck(
+            "cumulative_drop", ok, cumulative, gates.max_cumulative_drop,
+            f"held-out accuracy drop since the base model (version "
+            f"{metrics.get('base_version', '?')}) {_fmt(cumulative)} "
+            f"{'<=' if ok else '> allowed'} {gates.max_cumulative_drop:g} points"))
     z = metrics.get("unseen_membership_z")
     if z is not None:  # only batches with as-if-unseen rows carry it
         ok = abs(z) <= gates.max_membership_z
@@ -84,6 +92,25 @@ def check_gates(metrics: dict[str, Any], gates: GatesParams) -> GateReport:
     if gates.require_finite_weights:
         checks.append(GateCheck("weights_finite", finite, float(finite), 1.0,
                                 "weights are finite" if finite else "weights contain NaN/inf"))
+    return GateReport(all(c.passed for c in checks), checks)
+
+
+def check_base_gates(metrics: dict[str, Any], gates: GatesParams) -> GateReport:
+    """The gates of a base model (pretrained or adopted: the last exact model, which every
+    release's cumulative drop is measured against): finite weights (``weights_finite``) and
+    held-out accuracy (``test_acc``, percent) of at least ``gates.min_base_accuracy``."""
+    checks = []
+    if gates.require_finite_weights:
+        finite = bool(metrics.get("weights_finite"))
+        checks.append(GateCheck("weights_finite", finite, float(finite), 1.0,
+                                "weights are finite" if finite else "weights contain NaN/inf"))
+    acc = metrics.get("test_acc")
+    ok = acc is not None and acc >= gates.min_base_accuracy
+    checks.append(GateCheck("base_accuracy", ok, acc, gates.min_base_accuracy,
+                            f"held-out accuracy {_fmt(acc)}% "
+                            + (f">= {gates.min_base_accuracy:g}" if ok else
+                               f"< required {gates.min_base_accuracy:g} "
+                               "(gates.min_base_accuracy)")))
     return GateReport(all(c.passed for c in checks), checks)
 
 

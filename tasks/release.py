@@ -143,7 +143,10 @@ def pretrain_model(cfg: PipelineParams, out: Path, progress=None) -> dict[str, A
     return {"path": str(out), "weights_sha256": sha, "seconds": seconds, "spec": asdict(spec),
             "device": describe_device(device),
             "train_acc": accuracy(model, data.train_x, data.train_y),
-            "test_acc": accuracy(model, data.test_x, data.test_y)}
+            "test_acc": accuracy(model, data.test_x, data.test_y),
+            # the base model's gate (a diverged pretrain must not become champion)
+            "weights_finite": all(bool(t.isfinite().all()) for t in model.state_dict().values()
+                                  if t.is_floating_point())}
 
 
 def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
