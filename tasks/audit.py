@@ -5,7 +5,12 @@ metrics recorded on that version, and a live check that the current champion sti
 The live check loads the champion the way the pipeline does (``registry.fetch_version``:
 weights-only checkpoint, verified against its ``weights_sha256`` tag) and asks the model for
 the instance's class now: a ``misclassify`` deletion holds while the prediction differs from
-the original label, a ``relabel`` one while it equals the new label.
+the original label, a ``relabel`` one while it equals the new label. An ``as-if-unseen`` one is
+judged by its own membership rule, for its whole batch (the rows hold together): they must
+sit among held-out data of their classes on the champion, with levels from the model the
+champion was released from (``unseen_check``), as the champion's release gate judged them.
+The release named is the one in the champion's lineage that carries the batch now (after
+``rollback --reapply``, the replay), with ``applied_by`` the release that applied it first.
 """
 
 from __future__ import annotations
@@ -81,8 +86,43 @@ def version_record(client, name: str, version: int) -> dict[str, Any]:
             "metrics": dict(sorted(metrics.items()))}
 
 
-def live_check(model, dataset, request: dict[str, Any]) -> dict[str, Any]:
-    """The champion's prediction for the request's instance, and whether its objective holds."""
+def unseen_check(model, parent, dataset, rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The as-if-unseen rule of one batch, on ``model``, as the pipeline judges it: the batch's
+    as-if-unseen rows together sit among held-out data of their classes (mean rank in the
+    model's own held-out confidence at most their mean level plus one standard error), the
+    levels taken from ``parent`` (``tasks.release.build_forget_set``, ``ForgetSet.satisfied_by``).
+    Returns, per instance id of those rows, ``{"holds", "rule"}`` (the same for every row:
+    the rows hold together). ``parent``: the model the champion was released from, whose
+    gate judged these rows the same way."""
+    from unlearning.objectives import UNSEEN_TOLERANCE_Z, class_ranks, confidence_logit
+    from unlearning.train import predict_logits
+
+    from .release import build_forget_set
+
+    unseen = [{"instance_id": int(r["instance_id"]), "objective": "as-if-unseen",
+               "new_label": None} for r in rows if r["objective"] == "as-if-unseen"]
+    if not unseen:
+        return {}
+    forget = build_forget_set(dataset, unseen, parent)
+    holds = forget.satisfied_by(model)
+    phi = confidence_logit(predict_logits(model, forget.x), forget.y)
+    phi_ref = forget.reference_confidence(model)
+    assert phi_ref is not None and forget.reference is not None and forget.level is not None
+    rank = class_ranks(phi, forget.y, phi_ref, forget.reference[1]).mean().item()
+    level = forget.level.mean().item()
+    slack = UNSEEN_TOLERANCE_Z * (1.0 / (12 * len(unseen))) ** 0.5
+    rule = (f"as-if-unseen: the batch's {len(unseen)} row(s) sit among held-out data of their "
+            f"classes (mean rank {rank:.2f} <= mean level {level:.2f} + {slack:.2f})")
+    return {r["instance_id"]: {"holds": bool(holds[i]), "rule": rule}
+            for i, r in enumerate(unseen)}
+
+
+def live_check(model, dataset, request: dict[str, Any],
+               unseen: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The champion's prediction for the request's instance, and whether its objective holds
+    by the objective's own rule: ``misclassify`` predicted away from the original label,
+    ``relabel`` predicted as the new label, ``as-if-unseen`` its batch's membership rule
+    (``unseen``: ``unseen_check`` of the batch)."""
     import torch
 
     instance = int(request["instance_id"])
@@ -90,6 +130,11 @@ def live_check(model, dataset, request: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         pred = int(model(dataset.train_x[instance:instance + 1]).argmax(1).item())
     label = int(dataset.train_y[instance])
+    if request["objective"] == "as-if-unseen":
+        verdict = (unseen or {}).get(instance)
+        if verdict is None:
+            raise ValueError(f"no as-if-unseen verdict for instance {instance}")
+        return {"prediction": pred, "original_label": label, **verdict}
     if request["objective"] == "relabel":
         holds = pred == int(request["new_label"])
         rule = f"prediction == new label {request['new_label']}"
@@ -118,9 +163,20 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
         champion = registry.alias_version(client, name, registry.CHAMPION)
         chain = ancestry(ledger, champion) if champion is not None else []
         covered = set(ledger.covered_batches(champion)) if champion is not None else set()
+        # the release of the champion's lineage that carries each batch now: after
+        # `rollback --reapply` it is the replay, not the replaced release that applied it first
+        carrier = {b: next((v for v in chain if b in (ledger.release(v) or {}).get("batches", [])),
+                           None) for b in batches}
+        champion_rel = ledger.release(champion) if champion is not None else None
+        parent_version = champion_rel["parent"] if champion_rel else None
+        unseen_rows = {b: ledger.requests(b) for b, batch in batches.items()
+                       if batch is not None and batch.state == "done"
+                       and any(r["batch_id"] == b and r["objective"] == "as-if-unseen"
+                               for r in found)}
 
     model = None
     champion_sha = None
+    verdicts: dict[str, dict[int, dict[str, Any]]] = {}
     if champion is not None and live and any(b.state == "done" for b in batches.values()):
         from unlearning.models import load_checkpoint
 
@@ -130,6 +186,13 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
         champion_sha = fetched["weights_sha256"]
         model, _ = load_checkpoint(fetched["path"], expected_sha256=champion_sha)
         dataset = dataset_of(cfg)
+        if unseen_rows:  # levels from the model the champion was released from
+            parent = model
+            if parent_version is not None:
+                got = registry.fetch_version(paths, client, name, int(parent_version))
+                parent, _ = load_checkpoint(got["path"], expected_sha256=got["weights_sha256"])
+            verdicts = {b: unseen_check(model, parent, dataset, rows)
+                        for b, rows in unseen_rows.items()}
 
     records: list[dict[str, Any]] = []
     versions: dict[int, dict[str, Any]] = {}
@@ -144,12 +207,16 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
             "release": None, "in_champion_lineage": None, "live": None,
         }
         if b.state == "done" and b.version is not None:
-            if b.version not in versions:
-                versions[b.version] = version_record(client, name, b.version)
-            rec["release"] = versions[b.version]
-            rec["in_champion_lineage"] = b.version in chain and b.batch_id in covered
+            now = carrier.get(b.batch_id) or b.version  # the release that carries it now
+            if now not in versions:
+                versions[now] = version_record(client, name, now)
+            rec["release"] = versions[now]
+            rec["applied_by"] = b.version  # the release that applied it first
+            rec["in_champion_lineage"] = now in chain and b.batch_id in covered
             if model is not None:
-                rec["live"] = live_check(model, dataset, r)
+                rec["live"] = (live_check(model, dataset, r, verdicts.get(b.batch_id))
+                               if r["objective"] == "as-if-unseen"
+                               else live_check(model, dataset, r))
         elif b.version is not None:  # rejected after unlearning: the version is kept for audit
             rec["kept_version"] = b.version
         records.append(rec)

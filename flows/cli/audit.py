@@ -76,8 +76,12 @@ def render(result: dict[str, Any]) -> str:
         m = rel["metrics"]
         shown = ", ".join(f"{k} {m[k]:.2f}" for k in ("objective_rate", "test_acc",
                                                          "test_drop", "mia_efficacy") if k in m)
+        first = r.get("applied_by")
+        again = f", replaying version {first}'s deletion" if first not in (None, rel["version"]) \
+            else ""
         lines.append(f"  removed by version {rel['version']} ({rel['created']}, "
-                     f"gates {'passed' if rel['gates_passed'] else 'failed'}): {shown or '-'}")
+                     f"gates {'passed' if rel['gates_passed'] else 'failed'}{again}): "
+                     f"{shown or '-'}")
         lines.append("  lineage    champion "
                      + ("descends from" if r["in_champion_lineage"] else "does NOT descend from")
                      + f" version {rel['version']}")
