@@ -295,7 +295,7 @@ class ModelSpec:
             raise CheckpointError(f"malformed model spec: {e}") from None
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
+def build_model(spec: ModelSpec) -> nn.Sequential:
     """Return ``Sequential(Normalize, net)`` for the spec, with fresh weights.
 
     Raises ArchitectureError when the network cannot be built here (a factory's module that
