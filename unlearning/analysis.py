@@ -40,7 +40,8 @@ def forget_rows(parent, model, forget, requests: list[dict[str, Any]]) -> list[d
             "objective": req["objective"], "label": label,
             "new_label": None if req.get("new_label") is None else int(req["new_label"]),
             "before_pred": None if p_pred is None else int(p_pred[i]),
-            "before_conf": None if p_probs is None else float(p_probs[i, p_pred[i]]),
+            "before_conf": (None if p_probs is None or p_pred is None
+                            else float(p_probs[i, int(p_pred[i])])),
             "before_label_conf": None if p_probs is None else float(p_probs[i, label]),
             "after_pred": int(pred[i]), "after_conf": float(probs[i, pred[i]]),
             "after_label_conf": float(probs[i, label]),

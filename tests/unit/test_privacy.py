@@ -4,6 +4,8 @@ answer is known, and one behaviour test on digits where the attack must beat cha
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,7 +119,8 @@ def test_helpers_and_refusals() -> None:
 @pytest.mark.slow
 def test_lira_beats_chance_and_the_loss_attack_on_a_memorising_digits_model() -> None:
     """Half of digits, 40 epochs, 4 shadows (~40 s on one thread): this can fail."""
-    from unlearning.privacy_study import StudyConfig, _members
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from privacy_study import StudyConfig, _members
 
     from unlearning.datasets import load_dataset
     from unlearning.models import build_model, spec_for

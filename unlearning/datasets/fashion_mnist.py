@@ -36,7 +36,7 @@ def _find(root: Path, stem: str) -> Path:
 
 def source_files(data_dir: Path | None) -> dict[str, bytes | Path]:
     """The four IDX files as found (gzipped or not); the pipeline keeps a copy of them."""
-    root, found = _root(data_dir), {}
+    root, found = _root(data_dir), dict[str, bytes | Path]()
     for stem in STEMS:
         for candidate in (root / f"{stem}.gz", root / stem):
             if candidate.is_file():
