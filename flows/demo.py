@@ -58,6 +58,7 @@ def reset_state(paths: Paths) -> None:
                         "demo in an empty folder, e.g. UNLEARN_HOME=$(mktemp -d) unlearn demo")
     for folder in folders:
         _clear(folder)
+    paths.releases_file.unlink(missing_ok=True)  # the release order of the cleared registry
     paths.artifacts.mkdir(parents=True, exist_ok=True)
     (paths.artifacts / MARKER).write_text("state created by `unlearn demo`; it may reset it\n")
 

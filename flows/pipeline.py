@@ -30,6 +30,7 @@ from tasks.lineage import LineageError, guard, missing_reason, previous_champion
 from tasks.locks import file_lock, lock_holder
 from tasks.params import PipelineParams, load_params
 from tasks.paths import Paths, find_home
+from tasks.state_check import check_state, new_base_refusal
 from tasks.steps import (
     adopt_model,
     evaluate_model,
@@ -73,6 +74,17 @@ def dataset_mismatch(client, cfg: PipelineParams, version: int) -> str | None:
     return None
 
 
+def _damaged(paths: Paths, cfg: PipelineParams) -> dict[str, Any] | None:
+    """A failure while the ledger, the registry and data/ disagree or the champion's served
+    model changed (``tasks.state_check``): nothing may be accepted, promoted or released on
+    top of records that cannot vouch for the committed deletions."""
+    report = check_state(paths, cfg, served=True)
+    if report.ok:
+        return None
+    return {"status": "failed", "damaged": True, "reason": report.line,
+            "problems": [p.to_dict() for p in report.problems]}
+
+
 def _busy(paths: Paths) -> dict[str, Any]:
     pid = lock_holder(paths.lock)
     who = f"process {pid}" if pid else "another process"
@@ -95,6 +107,9 @@ def pretrain_flow(home: str | None = None, dataset: str | None = None, arch: str
     with file_lock(paths.lock, wait=False) as got:
         if not got:
             return _busy(paths)
+        why = new_base_refusal(paths, cfg, "pretrain")  # never a base holding deleted data
+        if why:
+            return {"status": "refused", "reason": why}
         client = registry.connect(paths, cfg)
         existing = registry.list_versions(client, cfg.registry.model_name)
         if existing:
@@ -158,6 +173,9 @@ def adopt_flow(request: dict[str, Any], home: str | None = None) -> dict[str, An
     with file_lock(paths.lock, wait=False) as got:
         if not got:
             return _busy(paths)
+        why = new_base_refusal(paths, cfg, "adopt")
+        if why:
+            return {"status": "refused", "reason": why}
         name = cfg.registry.model_name
         fresh = paths.tracking_uri == paths.default_tracking_uri \
             and not (paths.mlruns / "mlflow.db").exists()  # bad input must not create it
@@ -396,6 +414,8 @@ def process_deletions_flow(home: str | None = None) -> dict[str, Any]:
         if not got:
             return _busy(paths)
         fault("after:lock")
+        if (damaged := _damaged(paths, cfg)) is not None:
+            return damaged
         client = registry.connect(paths, cfg)
         name = cfg.registry.model_name
         champion = registry.alias_version(client, name, registry.CHAMPION)
@@ -445,6 +465,8 @@ def promote_flow(version: int, home: str | None = None) -> dict[str, Any]:
     with file_lock(paths.lock, wait=False) as got:
         if not got:
             return _busy(paths)
+        if (damaged := _damaged(paths, cfg)) is not None:
+            return damaged
         client = registry.connect(paths, cfg)
         if not _exists(client, cfg, version):
             return _unknown(cfg, version)
@@ -473,8 +495,62 @@ def _unknown(cfg: PipelineParams, version: int) -> dict[str, Any]:
     return {"status": "invalid", "reason": f"{cfg.registry.model_name} has no version {version}"}
 
 
+def _adopt_replay(paths: Paths, cfg: PipelineParams, target: int,
+                  missing: list[str]) -> dict[str, Any] | None:
+    """The version an interrupted ``rollback --reapply`` registered for ``missing`` onto
+    ``target`` (or for the first batches of it, where a failed gate stopped the replay),
+    published again (idempotent) instead of registering a second copy; None if there is
+    none."""
+    client = registry.connect(paths, cfg)
+    for n in range(len(missing), 0, -1):
+        if n < len(missing):  # only a replay its gates stopped: an older, passing replay of
+            mv = registry.find_batch_version(  # fewer batches is not this one
+                client, cfg.registry.model_name, ",".join(missing[:n]), target, cfg.sha256())
+            if mv is None or mv.tags.get("gates_passed") != "false":
+                continue
+        adopted = _adopt(paths, cfg, client, ",".join(missing[:n]), target)
+        if adopted is None:
+            continue
+        version, _, gates = adopted
+        passed = gates["passed"] and n == len(missing)
+        _publish(paths, cfg, version, target, missing[:n], passed)
+        return {"version": version, "passed": passed, "steps": [], "resumed": True,
+                "gates": {**gates, "passed": passed}}
+    return None
+
+
+def _journal(paths: Paths) -> Path:
+    """``rollback --reapply`` in progress: {from, target, missing}; a retry finishes it."""
+    return paths.artifacts / "rollback.json"
+
+
+def _read_journal(paths: Paths, client, cfg: PipelineParams,
+                  champion: int) -> dict[str, Any] | None:
+    """The interrupted rollback this one may finish: its champion is still the one it started
+    from, or the version it replayed (the alias moved before the ledger recorded it).
+    Anything else is stale and removed."""
+    path = _journal(paths)
+    try:
+        journal = json.loads(path.read_text())
+        target, missing, start = int(journal["target"]), list(journal["missing"]), journal["from"]
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+    if champion == start:
+        return journal
+    tags = registry.version_info(client, cfg.registry.model_name, champion).tags
+    if tags.get("parent_version") == str(target) and tags.get("batch_id") == ",".join(missing):
+        return {**journal, "version": champion}
+    path.unlink(missing_ok=True)
+    return None
+
+
 def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) -> dict[str, Any]:
-    """Apply ``missing`` batches in order onto ``target``; register the result as one version."""
+    """Apply ``missing`` batches in order onto ``target``; register the result as one version
+    (or finish the one an interrupted replay registered)."""
+    resumed = _adopt_replay(paths, cfg, target, missing)
+    if resumed is not None:
+        return resumed
     record_attempt(paths, missing, {"kind": "replay", "onto": target})  # before registering
     base = fetch_model(paths, cfg, target)
     with Ledger(paths.ledger) as ledger:
@@ -512,12 +588,20 @@ def rollback_flow(to: int | None = None, reapply: bool = False,
     with file_lock(paths.lock, wait=False) as got:
         if not got:
             return _busy(paths)
+        if (damaged := _damaged(paths, cfg)) is not None:
+            return damaged
         client = registry.connect(paths, cfg)
         champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
         if champion is None:
             return {"status": "failed", "reason": "no champion yet: nothing to roll back"}
+        journal = _read_journal(paths, client, cfg, champion) if reapply else None
+        if journal is not None and to not in (None, journal["target"]):
+            journal = None  # another rollback: the interrupted one is left as it was
+        if journal is not None and "version" in journal:  # killed after moving the alias
+            return _finish_rollback(paths, cfg, journal)
         with Ledger(paths.ledger) as ledger:
-            target = to if to is not None else previous_champion(ledger, champion)
+            target = to if to is not None else (
+                journal["target"] if journal is not None else previous_champion(ledger, champion))
             if target is None:
                 return {"status": "refused", "champion": champion,
                         "reason": f"no earlier champion recorded before version {champion}"}
@@ -533,11 +617,44 @@ def rollback_flow(to: int | None = None, reapply: bool = False,
             return {"status": "ok", "champion": champion, "previous": champion, "action": "none"}
         if not missing:
             return _set_champion(paths, cfg, target, "rollback")
+        _journal(paths).write_text(json.dumps({"from": champion, "target": target,
+                                               "missing": missing}))
         replay = _replay(paths, cfg, target, missing)
+        if replay["passed"] and replay["version"] == champion:  # done before: nothing moves
+            if registry.alias_version(client, cfg.registry.model_name,
+                                      registry.CANDIDATE) == champion:
+                client.delete_registered_model_alias(cfg.registry.model_name,
+                                                     registry.CANDIDATE)
+            _journal(paths).unlink(missing_ok=True)
+            return {"status": "ok", "champion": champion, "previous": champion,
+                    "action": "none", "target": target, "replayed": missing, "resumed": True}
         if not replay["passed"]:
+            _journal(paths).unlink(missing_ok=True)
             return {"status": "failed", "champion": champion, "version": replay["version"],
                     "reason": f"replay onto version {target} failed its gates: "
                               + ", ".join(replay["gates"]["failures"])}
         result = _set_champion(paths, cfg, replay["version"], "rollback-reapply",
                                note=f"v{target} + {', '.join(missing)}")
-        return {**result, "target": target, "replayed": missing}
+        _journal(paths).unlink(missing_ok=True)
+        return {**result, "target": target, "replayed": missing,
+                "resumed": bool(replay.get("resumed"))}
+
+
+def _finish_rollback(paths: Paths, cfg: PipelineParams, journal: dict[str, Any]) -> dict[str, Any]:
+    """A ``rollback --reapply`` killed after the champion alias moved to its replayed version:
+    clear ``candidate``, record the promotion the ledger lacks, and report it as done."""
+    version, start = int(journal["version"]), int(journal["from"])
+    target, missing = int(journal["target"]), list(journal["missing"])
+    client = registry.connect(paths, cfg)
+    name = cfg.registry.model_name
+    if registry.alias_version(client, name, registry.CANDIDATE) == version:
+        client.delete_registered_model_alias(name, registry.CANDIDATE)
+    with Ledger(paths.ledger) as ledger:
+        history = ledger.promotions()
+        if not history or history[-1]["version"] != version:
+            ledger.record_promotion(version, start, "rollback-reapply",
+                                    note=f"v{target} + {', '.join(missing)}")
+    _journal(paths).unlink(missing_ok=True)
+    return {"status": "ok", "champion": version, "previous": start,
+            "action": "rollback-reapply", "target": target, "replayed": missing,
+            "resumed": True}

@@ -177,7 +177,11 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
     model = None
     champion_sha = None
     verdicts: dict[str, dict[int, dict[str, Any]]] = {}
+    served = None
     if champion is not None and live and any(b.state == "done" for b in batches.values()):
+        # what consumers load (the logged MLflow model), against its fingerprint from
+        # registration: the live check below reads the checkpoint, which they do not load
+        served = registry.served_check(client, name, champion)
         from unlearning.models import load_checkpoint
 
         from .release import dataset_of
@@ -226,6 +230,7 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
                 or (rec["live"] is not None and not rec["live"]["holds"])]
     if done and champion is None:
         failures = done
+    served_ok = served is None or served["ok"] is not False
     return {"query": ident, "model": name, "champion": champion,
             "champion_weights_sha256": champion_sha, "champion_lineage": chain,
-            "requests": records, "ok": not failures}
+            "served": served, "requests": records, "ok": not failures and served_ok}

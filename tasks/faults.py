@@ -7,7 +7,8 @@ is registered; several points are comma-separated; ``POINT=wait`` instead blocks
 so a test can hold a process mid-run. Unset (always, outside tests), ``fault`` is one
 environment lookup.
 
-The points, in the order one batch passes them:
+The points, in the order one batch passes them (``rollback --reapply`` passes the same ones
+from ``after:start_run`` on, for the one version it registers):
 
 ``in:unlearn``               the unlearning loop has run; the candidate is not saved yet
 ``after:start_run``          the release's MLflow run is open; nothing registered
@@ -17,8 +18,10 @@ The points, in the order one batch passes them:
 ``after:champion_alias``     ``champion`` moved; ``candidate`` not cleared, batch still pending
 ``in:record_batch``          inside the ledger transaction that marks the batch done (rolled back)
 ``after:lock``               ``unlearn run`` holds the pipeline lock, before any batch
-``after:write_manifest``     ``unlearn submit`` wrote data/deletions/<batch>.csv; the ledger
-                             does not know the batch yet
+``after:write_manifest``     ``unlearn submit`` staged artifacts/incoming/<batch>.csv; the
+                             ledger does not know the batch yet
+``after:record_submit``      the ledger records the batch as pending; its manifest is still
+                             staged (the next command moves it into data/deletions/)
 """
 
 from __future__ import annotations

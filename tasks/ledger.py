@@ -117,7 +117,8 @@ class Ledger:
         except sqlite3.Error as e:
             self.db.close()
             raise LedgerError(f"the ledger {self.path} is damaged or not a ledger ({e}); "
-                              "restore it from a backup") from None
+                              "rebuild it from the registry and data/ with `unlearn repair` "
+                              "(or restore it from a backup)") from None
 
     def close(self) -> None:
         self.db.close()

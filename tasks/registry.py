@@ -23,6 +23,7 @@ from typing import Any
 from .faults import fault
 from .params import PipelineParams
 from .paths import Paths
+from .served import DIGEST_TAG, FILES_TAG, compare, fingerprint_tags
 
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 CHAMPION, CANDIDATE = "champion", "candidate"
@@ -30,7 +31,7 @@ PIP_REQUIREMENTS = ["torch==2.14.1", "numpy"]
 LINEAGE_TAGS = ("parent_version", "batch_id", "request_ids", "objective", "method", "data_rev",
                 "code_rev", "params_sha256", "weights_sha256", "dataset", "arch", "input_shape",
                 "seed", "status", "device", "source", "source_sha256", "source_format",
-                "input_contract", "classes")
+                "input_contract", "classes", "served_sha256")
 # copied from parent to child versions (releases keep the base model's contract and classes)
 CARRIED_TAGS = ("dataset", "arch", "input_shape", "input_contract", "classes")
 CONTRACT_ARTIFACT = "input_contract.json"
@@ -196,10 +197,41 @@ def register_release(
         )
         version_tags = {k: str(v) for k, v in tags.items()}
         version_tags.update({k: f"{numeric[k]:.4f}" for k in METRIC_TAGS if k in numeric})
+        # what consumers load, fingerprinted as stored: part of the version from its creation
+        version_tags.update(served_fingerprint(info.model_uri))
+        mlflow.set_tags({k: version_tags[k] for k in (DIGEST_TAG, FILES_TAG) if k in version_tags})
         mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
         fault("after:register_version")
         mlflow.set_tag("registered_version", mv.version)
     return int(mv.version)
+
+
+def served_fingerprint(model_uri: str) -> dict[str, str]:
+    """The ``served_sha256`` (and ``served_files``) tags of a logged model, from its files as
+    the artifact store holds them (``tasks.served``)."""
+    with tempfile.TemporaryDirectory(prefix="served-") as tmp:
+        import mlflow
+
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        return fingerprint_tags(folder)
+
+
+def served_check(client, name: str, version: int) -> dict[str, Any]:
+    """Download what consumers load for ``version`` and compare it with its ``served_sha256``
+    (``tasks.served.compare``): ``ok`` True, False (``reason`` names the changed file) or
+    None (no fingerprint recorded)."""
+    import mlflow
+
+    mv = version_info(client, name, version)
+    what = f"the served model of version {version} ({name}/{version})"
+    with tempfile.TemporaryDirectory(prefix="served-") as tmp:
+        try:
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp)
+        except Exception as e:  # noqa: BLE001  (gone from the artifact store: not served as registered)
+            return {"ok": False, "served_sha256": None, "recorded": mv.tags.get(DIGEST_TAG),
+                    "files": [], "changed": [], "reason": f"{what} cannot be downloaded: "
+                    f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}"}
+        return compare(folder, dict(mv.tags), what)
 
 
 def find_batch_version(client, name: str, batch_id: str, parent: int,

@@ -328,6 +328,11 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
             except (CheckpointError, registry.RegistryError) as e:
                 findings.append(f"the registry's stored weights of version {version} do not "
                                 f"match its weights_sha256 ({e})")
+            served = registry.served_check(client, name, version)  # what consumers load
+            if served["ok"] is False:
+                findings.append(served["reason"])
+            elif served["ok"] is None:
+                notes.append(served["reason"])
             # float results are bit-reproducible on the same device only (an adopted base
             # is a copy of the user's weights: the same anywhere)
             adopted = parent is None and tags.get("method") == "adopt"
@@ -355,6 +360,7 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
                 "recorded": recorded, "rebuilt": rebuilt, "match": match,
                 "ok": match and not findings, "findings": findings, "notes": notes,
                 "device": built_on, "rebuilt_on": device_now, "same_device": same_device,
+                "served": {k: served[k] for k in ("ok", "served_sha256", "recorded", "changed")},
                 "data_rev": tags.get("data_rev"), "params_sha256": tags.get("params_sha256"),
                 "code_rev": tags.get("code_rev"), "seconds": time.perf_counter() - t0,
             })

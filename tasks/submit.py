@@ -34,12 +34,14 @@ from .validation import (
 
 
 def manifest_problem(paths: Paths, batch: Batch) -> str | None:
-    """Why the accepted manifest of a pending batch cannot be applied (None if it can): it is
-    missing, a link out of the state folder, not a file, or not the file that was accepted."""
+    """Why the accepted manifest of a pending (or done) batch cannot be applied (None if it
+    can): it is missing, a link out of the state folder, not a file, or not the file that was
+    accepted."""
     path = paths.manifest(batch.batch_id)
     rel = path.relative_to(paths.home)
-    fix = "restore data/ with `dvc checkout data` (data.dvc records every accepted manifest)"
-    head = f"the manifest of pending batch {batch.batch_id} ({rel})"
+    fix = ("restore data/ with `dvc checkout data` (data.dvc records every accepted manifest) "
+           "or run `unlearn repair`")
+    head = f"the manifest of {batch.state} batch {batch.batch_id} ({rel})"
     if not path.exists():
         return f"{head} is missing{' (a dangling link)' if path.is_symlink() else ''}: {fix}"
     real = path.resolve()
@@ -91,6 +93,58 @@ def _save_report(path: Path, batch_id: str, report: dict[str, Any]) -> None:
     path.write_text(json.dumps({"batch_id": batch_id, **report}, indent=2, default=str))
 
 
+def staging_file(paths: Paths, batch_id: str) -> Path:
+    """Where an accepted manifest waits (outside DVC's data/) until the ledger records it."""
+    return paths.artifacts / "incoming" / f"{batch_id}.csv"
+
+
+def next_free_seq(paths: Paths) -> int:
+    """One past every sequence number an accepted or rejected batch file carries, so a
+    number is never given twice even if the ledger lost the batch that had it."""
+    from .state_check import seq_of
+
+    names = [p.stem for folder in (paths.deletions, paths.artifacts / "rejected")
+             if folder.is_dir() for p in folder.iterdir()]
+    return max((s for n in names if (s := seq_of(n)) is not None), default=0) + 1
+
+
+def _finish_staged(paths: Paths, ledger: Ledger) -> list[str]:
+    """Complete or drop what a killed submit left in the staging folder (under the submit
+    lock): a batch the ledger accepted gets its manifest moved into data/deletions/; a file
+    the ledger never recorded (killed before the ledger write) is removed. Returns the
+    batches it completed."""
+    folder = paths.artifacts / "incoming"
+    done = []
+    for staged in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+        batch = ledger.batch(staged.stem)
+        kept = paths.manifest(staged.stem)
+        expected = ((batch.report or {}).get("manifest_sha256") if batch else None)
+        if (batch is not None and batch.state == "pending" and not kept.exists()
+                and hashlib.sha256(staged.read_bytes()).hexdigest() == expected):
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            staged.replace(kept)
+            done.append(staged.stem)
+        else:
+            staged.unlink(missing_ok=True)
+    return done
+
+
+def finish_interrupted_submits(paths: Paths, cfg: PipelineParams | None = None) -> list[str]:
+    """``_finish_staged`` for any command (a cheap listing when nothing is staged); with
+    ``cfg``, a completed batch's manifest is also added to data.dvc."""
+    folder = paths.artifacts / "incoming"
+    if not folder.is_dir() or not any(folder.glob("*.csv")):
+        return []
+    with file_lock(paths.artifacts / "submit.lock"), Ledger(paths.ledger) as ledger:
+        done = _finish_staged(paths, ledger)
+    if done and cfg is not None:
+        try:
+            track(paths, cfg)
+        except DataTrackingError:
+            pass  # the next release adds data/ again
+    return done
+
+
 def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
                     image_shape: tuple[int, int, int]) -> dict[str, Any]:
     """Validate ``manifest`` and record it; returns the batch id, state and failures.
@@ -104,13 +158,14 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
     digest = hashlib.sha256(blob).hexdigest()
     keys = dataset_of(cfg).key_ids  # a keyed manifest's ids: its keys' positions
     with file_lock(paths.artifacts / "submit.lock"), Ledger(paths.ledger) as ledger:
+        _finish_staged(paths, ledger)
         same = ledger.same_batch(typed_rows(raw, keys))
         if same is not None:
             return {"batch_id": same.batch_id, "state": same.state, "rows": same.rows,
                     "duplicate": True, "reason": None, "failures": [], "report": None,
                     "manifest": str(paths.manifest(same.batch_id)), "data_rev": None,
                     "warning": None}
-        seq = ledger.next_seq()
+        seq = max(ledger.next_seq(), next_free_seq(paths))
         batch_id = f"b{seq:04d}-{digest[:8]}"
         ctx = validation_context(cfg, ledger, image_shape)
         report = validate_manifest(raw, ctx, images_of(cfg))
@@ -120,15 +175,20 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
         summary = {"success": report["success"], "failures": report["failures"],
                    "report": str(report_path)}
         if report["success"]:
-            kept = paths.manifest(batch_id)
-            write_manifest(kept, rows)
-            summary["manifest_sha256"] = hashlib.sha256(kept.read_bytes()).hexdigest()
+            # staged outside data/ until the ledger has it: a kill never leaves an orphan
+            # manifest where DVC would track it (``_finish_staged`` completes or drops it)
+            kept, staged = paths.manifest(batch_id), staging_file(paths, batch_id)
+            write_manifest(staged, rows)
+            summary["manifest_sha256"] = hashlib.sha256(staged.read_bytes()).hexdigest()
             fault("after:write_manifest")
             try:
                 ledger.add_batch(batch_id, seq, "pending", str(manifest), rows, report=summary)
             except BaseException:
-                kept.unlink(missing_ok=True)  # never leave an input the ledger does not know
+                staged.unlink(missing_ok=True)  # never leave an input the ledger does not know
                 raise
+            fault("after:record_submit")
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            staged.replace(kept)
             reason = None
         else:
             kept = paths.artifacts / "rejected" / f"{batch_id}{manifest.suffix.lower()}"

@@ -20,7 +20,8 @@ from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Failure, UsageError
 
 # Modules that add subcommands: each has ``register(subparsers)``.
 COMMAND_MODULES = ("flows.cli.pipeline", "flows.cli.releases", "flows.cli.audit",
-                   "flows.cli.verify", "flows.cli.report", "flows.cli.ui", "flows.cli.library")
+                   "flows.cli.verify", "flows.cli.repair", "flows.cli.report", "flows.cli.ui",
+                   "flows.cli.library")
 
 
 

@@ -27,9 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .output import emit
-    from .runtime import context
+    from .runtime import context, refuse_if_damaged
 
     paths, cfg = context()
+    refuse_if_damaged(paths, cfg)  # the ledger it reads must agree with the other records
     from tasks.audit import AuditError, audit
     from tasks.registry import RegistryError
     from unlearning.models import CheckpointError
@@ -44,6 +45,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         emit(result)
         return EXIT_OK if result["ok"] else EXIT_FAILED
     print(render(result))
+    served = result.get("served") or {}
+    if served.get("ok") is False:
+        raise Failure(f"{served['reason']}: the champion's deletions cannot be vouched for "
+                      "in what consumers load")
     if not result["ok"]:
         raise Failure("a deletion does not hold in the current champion "
                       f"(version {result['champion']})")
@@ -90,6 +95,14 @@ def render(result: dict[str, Any]) -> str:
             verdict = "HOLDS" if live["holds"] else "DOES NOT HOLD"
             lines.append(f"  live check {verdict}: champion predicts {live['prediction']} "
                          f"({live['rule']})")
+    served = result.get("served")
+    if served is not None:
+        lines.append("")
+        lines.append("served model " + ("matches its fingerprint from registration "
+                                        f"({str(served['served_sha256'])[:12]})"
+                                        if served["ok"] else
+                                        f"CHANGED: {served['reason']}" if served["ok"] is False
+                                        else f"not checked: {served['reason']}"))
     lines.append("")
     lines.append("result: " + ("ok" if result["ok"] else "FAILED"))
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import EXIT_FAILED, EXIT_OK, Failure, UsageError
 from .output import emit, finish, say
-from .runtime import context, require_dataset, run_flow
+from .runtime import context, refuse_if_damaged, require_dataset, run_flow
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -114,6 +114,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     require_dataset(cfg)
     _check_arch(cfg.pretrain.arch)
+    from tasks.state_check import new_base_refusal
+
+    why = new_base_refusal(paths, cfg, "pretrain")  # never a base that holds deleted data
+    if why:
+        raise Failure(why)
     from flows.pipeline import pretrain_flow
 
     say(f"pretraining {cfg.pretrain.arch} on {cfg.dataset.name} for {cfg.pretrain.epochs} "
@@ -217,6 +222,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from tasks.validation import ManifestError
 
     manifest = Path(args.file)
+    refuse_if_damaged(paths, cfg, served=True)  # no new deletion on a damaged state
     require_dataset(cfg)
     try:  # (tasks.registry, not flows.pipeline: a submit need not import Prefect)
         result = submit_manifest(paths, cfg, manifest, registry.input_shape(paths, cfg))
@@ -247,6 +253,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     paths, cfg = context()
+    refuse_if_damaged(paths, cfg, served=True)
     require_dataset(cfg)
     from flows.pipeline import process_deletions_flow
 
@@ -275,7 +282,8 @@ def _batch_line(b: dict[str, Any]) -> str:
     return f"{b['batch_id']}: rejected{where}: {b['reason']}"
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    paths, _ = context()
+    paths, cfg = context()
+    refuse_if_damaged(paths, cfg)  # (each scheduled run checks again, in the flow)
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():

@@ -7,9 +7,9 @@ import argparse
 from typing import Any
 
 from .arguments import version_number
-from .errors import EXIT_OK
+from .errors import EXIT_FAILED, EXIT_OK
 from .output import emit, finish, table
-from .runtime import context, run_flow
+from .runtime import context, refuse_if_damaged, run_flow, warn_if_damaged
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_releases(args: argparse.Namespace) -> int:
     paths, cfg = context()
+    damaged = warn_if_damaged(paths, cfg)  # the listing still helps to see what is wrong
     from tasks import registry
     from tasks.ledger import Ledger
 
@@ -45,14 +46,15 @@ def cmd_releases(args: argparse.Namespace) -> int:
         client = registry.connect(paths, cfg)
         versions = registry.list_versions(client, cfg.registry.model_name)
     promotions = []
-    if paths.ledger.exists():
+    if paths.ledger.exists() and paths.ledger.stat().st_size > 0:  # (opening writes a schema)
         with Ledger(paths.ledger) as ledger:
             promotions = ledger.promotions()
     champion = next((v["version"] for v in versions if "champion" in v["aliases"]), None)
+    status = EXIT_FAILED if damaged else EXIT_OK
     if args.json:
         emit({"model": cfg.registry.model_name, "champion": champion, "versions": versions,
-              "promotions": promotions})
-        return EXIT_OK
+              "promotions": promotions, "damaged": damaged})
+        return status
     rows = [{"version": v["version"], "aliases": v["aliases"],
              "status": v["lineage"].get("status"), "parent": v["lineage"].get("parent_version"),
              "batch": v["lineage"].get("batch_id"), "objective": v["lineage"].get("objective"),
@@ -62,10 +64,11 @@ def cmd_releases(args: argparse.Namespace) -> int:
     print(f"model {cfg.registry.model_name} (champion: {champion or '-'})")
     print(table(rows, ["version", "aliases", "status", "parent", "batch", "objective",
                        "test_acc", "drop", "obj_rate", "weights"]))
-    return EXIT_OK
+    return status
 
 def cmd_requests(args: argparse.Namespace) -> int:
-    paths, _ = context()
+    paths, cfg = context()
+    refuse_if_damaged(paths, cfg)  # a lost ledger must not read as "no requests"
     from tasks.ledger import Ledger
 
     batches: list[dict[str, Any]] = []
@@ -85,7 +88,8 @@ def cmd_requests(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    paths, _ = context()
+    paths, cfg = context()
+    refuse_if_damaged(paths, cfg, served=True)
     from flows.pipeline import promote_flow
 
     result = run_flow(promote_flow, version=args.version, home=str(paths.home))
@@ -93,7 +97,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
                                      f"(was {result.get('previous')})")
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    paths, _ = context()
+    paths, cfg = context()
+    refuse_if_damaged(paths, cfg, served=True)
     from flows.pipeline import rollback_flow
 
     result = run_flow(rollback_flow, to=args.to, reapply=args.reapply, home=str(paths.home))

@@ -30,7 +30,9 @@ def context(check_ledger: bool = True):
         cfg = load_params(paths.params_file)
     except ParamsError as e:
         raise UsageError(str(e)) from None
-    if check_ledger and paths.ledger.exists():  # a damaged ledger stops here, before a flow
+    if check_ledger and paths.ledger.exists() and paths.ledger.stat().st_size > 0:
+        # a damaged ledger stops here, before a flow (an emptied one is left as it is: the
+        # state check says so; opening it would write a fresh schema into it)
         from tasks.ledger import Ledger, LedgerError
 
         try:
@@ -127,3 +129,29 @@ def run_flow(flow_fn, **kwargs: Any) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001  (any crash: one line; Prefect logged it)
         raise Failure(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                       "(nothing half-applied: unfinished batches stay pending)") from None
+
+def refuse_if_damaged(paths, cfg, served: bool = False) -> None:
+    """Commands that would change the state (and those whose answer comes from the ledger)
+    stop here, on one line, while the ledger, the registry and data/ disagree
+    (``tasks.state_check``); ``served`` also checks the champion's logged model."""
+    from tasks.state_check import check_state
+
+    report = check_state(paths, cfg, served=served)
+    if report.problems:
+        raise Failure(report.line)
+
+def state_problem(paths, cfg) -> str | None:
+    """The one line saying how the ledger, the registry and data/ disagree, or None: for
+    commands that go on regardless (``releases``, ``verify``) and exit 1 at the end."""
+    from tasks.state_check import check_state
+
+    report = check_state(paths, cfg)
+    return report.line if report.problems else None
+
+def warn_if_damaged(paths, cfg) -> bool:
+    """``releases`` goes on after one warning line on stderr; True when the state is damaged
+    (the command then exits 1)."""
+    problem = state_problem(paths, cfg)
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
+    return problem is not None

@@ -3,15 +3,19 @@
 Each release is rebuilt with the pipeline's own task code (``tasks.repro.verify``): the base
 model from ``params.yaml`` and ``data/dataset``, every other release from its parent's
 registered weights plus its batch manifests, with the seed derived from the batch id. The
-rebuilt ``weights_sha256`` must equal the registry's, and the data files a release used must
-equal the ones in its ``data_rev`` (DVC's listing of ``data/`` when it was registered).
+rebuilt ``weights_sha256`` must equal the registry's, the data files a release used must
+equal the ones in its ``data_rev`` (DVC's listing of ``data/`` when it was registered), and
+the files of its logged MLflow model (what consumers load) must equal the ``served_sha256``
+recorded when it was registered (``tasks.served``).
 
 Weights are reproducible bit for bit on the same device only: a release built on another
 device (its ``device`` tag; none means the CPU) is rebuilt here but reported as not
 comparable, never as a match it cannot prove.
 
 Exit codes: 0 every release reproduced; 1 a release diverged (the message names the
-version, the batch and both hashes) or cannot be compared here (built on another device);
+version, the batch and both hashes, or the served file that changed) or cannot be compared
+here (built on another device), or the ledger, the registry and data/ disagree
+(``tasks.state_check``: the releases are still rebuilt);
 2 bad input (unknown version, missing files, no
 registry), with nothing changed.
 """
@@ -38,9 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .output import emit, say
-    from .runtime import context, require_dataset
+    from .runtime import context, require_dataset, state_problem
 
     paths, cfg = context()
+    damaged = state_problem(paths, cfg)  # verify still rebuilds what the registry records
     if paths.tracking_uri == paths.default_tracking_uri and not (
             paths.mlruns / "mlflow.db").exists():
         raise UsageError(f"no registry in {paths.home}: nothing to verify "
@@ -69,14 +74,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except VerifyInputError as e:
         raise UsageError(str(e)) from None
     if args.json:
-        emit(result)
-        return EXIT_OK if result["status"] == "ok" else EXIT_FAILED
+        emit({**result, "state_problem": damaged})
+        return EXIT_OK if result["status"] == "ok" and not damaged else EXIT_FAILED
     for r in result["releases"]:
         print(_line(r))
     if result["status"] != "ok":
         raise Failure(result["diverged"]["reason"])
-    print(f"{len(result['releases'])} release(s) reproduced: weights equal to the registry's "
-          f"({result['seconds']:.1f} s)")
+    print(f"{len(result['releases'])} release(s) reproduced: weights equal to the registry's, "
+          f"served models equal to their fingerprints ({result['seconds']:.1f} s)")
+    if damaged:
+        raise Failure(f"the releases reproduce, but {damaged}")
     return EXIT_OK
 
 

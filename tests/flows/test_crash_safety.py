@@ -199,26 +199,115 @@ def test_a_killed_run_leaves_no_prefect_server_behind(tmp_path, write_params):
     assert not left, f"orphaned Prefect server process(es) {left}"
 
 
+def _ledger_batches(paths: Paths) -> dict[str, str]:
+    db = sqlite3.connect(paths.ledger)
+    try:
+        return dict(db.execute("SELECT batch_id, state FROM batches").fetchall())
+    finally:
+        db.close()
+
+
+def _tracked_deletions(paths: Paths) -> set[str]:
+    """Batch ids whose manifest data.dvc records (DVC's listing of data/)."""
+    from tasks.datastore import data_listing
+    from tasks.release import data_rev
+
+    listing = data_listing(paths, data_rev(paths.home)) or {}
+    return {Path(rel).stem for rel in listing if rel.startswith("deletions/")}
+
+
 def test_a_submit_killed_before_the_ledger_write_is_healed_by_its_retry(home, monkeypatch):
-    """Killed after writing the accepted manifest but before the ledger row: the client got
-    no answer, nothing is pending; its retry records the batch once, under the same id."""
+    """Killed after staging the accepted manifest but before the ledger row: the client got
+    no answer, nothing is pending, and nothing the ledger does not know is in data/ (where
+    DVC would track it); its retry records the batch once, under the same id."""
     paths = home.paths
     manifest = home.manifest()
     killed = unlearn(home, "submit", str(manifest), fault="after:write_manifest")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    db = sqlite3.connect(paths.ledger)
-    try:
-        known = {r[0] for r in db.execute("SELECT batch_id FROM batches")}
-    finally:
-        db.close()
-    orphans = [p.stem for p in paths.deletions.glob("*.csv") if p.stem not in known]
-    assert len(orphans) == 1  # the file the killed process wrote; no batch claims it
+    known = _ledger_batches(paths)
+    assert {p.stem for p in paths.deletions.glob("*.csv")} <= set(known)  # no orphan in data/
+    (staged,) = [p.stem for p in (paths.artifacts / "incoming").glob("*.csv")]
+    assert staged not in known
     monkeypatch.setenv("UNLEARN_HOME", str(paths.home))
     rc, out, err = cli("submit", str(manifest))
     assert rc == 0, err
-    assert out.split(":")[0] == orphans[0]  # same sequence number, same digest, same id
+    assert out.split(":")[0] == staged  # same sequence number, same digest, same id
+    assert list((paths.artifacts / "incoming").glob("*.csv")) == []
     rc, out, err = cli("submit", str(manifest))
     assert rc == 0 and "already submitted" in out
     rc, listing = cli_json("requests")
-    assert [b["batch_id"] for b in listing["batches"]].count(orphans[0]) == 1
+    assert [b["batch_id"] for b in listing["batches"]].count(staged) == 1
+    assert staged in _tracked_deletions(paths)
     assert rc == 0 and cli("run")[0] == 0  # and the module's state stays usable
+
+
+def test_a_submit_killed_after_the_ledger_write_is_finished_by_the_next_command(home,
+                                                                                monkeypatch):
+    """Killed after the ledger accepted the batch, before its manifest reached data/: the
+    next command moves it there (and into data.dvc); a retry is "already submitted", the
+    next batch takes the next sequence number, and the batch runs."""
+    paths = home.paths
+    manifest = home.manifest()
+    killed = unlearn(home, "submit", str(manifest), fault="after:record_submit")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    pending = [b for b, state in _ledger_batches(paths).items() if state == "pending"]
+    assert len(pending) == 1
+    (batch_id,) = pending
+    assert not paths.manifest(batch_id).exists()
+    monkeypatch.setenv("UNLEARN_HOME", str(paths.home))
+    rc, _ = cli_json("requests")  # any command that reads the state finishes it
+    assert rc == 0 and paths.manifest(batch_id).is_file()
+    assert batch_id in _tracked_deletions(paths)
+    assert list((paths.artifacts / "incoming").glob("*.csv")) == []
+    rc, out, err = cli("submit", str(manifest))
+    assert rc == 0 and out.startswith(f"{batch_id}: already submitted"), out + err
+    rc, out, err = cli("submit", str(home.manifest()))
+    assert rc == 0, err
+    seqs = sorted(int(b[1:5]) for b in _ledger_batches(paths))
+    assert len(seqs) == len(set(seqs)) and out.startswith(f"b{seqs[-1]:04d}-")
+    rc, result = cli_json("run")
+    assert rc == 0 and batch_id in [b["batch_id"] for b in result["batches"]], result
+
+
+@pytest.mark.parametrize("point, retry", [
+    pytest.param("after:register_version", ("--to", "TARGET", "--reapply"),
+                 id="after:register_version"),
+    pytest.param("after:champion_alias", ("--reapply",), id="after:champion_alias",
+                 marks=pytest.mark.slow),
+])
+def test_a_killed_rollback_reapply_resumes_without_a_second_version(home, point, retry,
+                                                                    monkeypatch):
+    """``rollback --to T --reapply`` killed after registering the replayed version (or after
+    moving the champion to it): retried (for the second, without --to: the interrupted
+    rollback is what it finishes), it ends with that one version, never a copy."""
+    paths = home.paths
+    monkeypatch.setenv("UNLEARN_HOME", str(paths.home))
+    target = registry(paths)[1]["champion"]  # it will lack the two batches committed next
+    for _ in range(2):  # (one missing batch replayed onto it would be the release itself)
+        rc, out, err = cli("submit", str(home.manifest()))
+        assert rc == 0, err
+    assert cli("run")[0] == 0
+    versions0, aliases0 = registry(paths)
+    champion = aliases0["champion"]
+    assert champion != target
+    retry = tuple(str(target) if a == "TARGET" else a for a in retry)
+    killed = unlearn(home, "rollback", "--to", str(target), "--reapply", fault=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    versions1, aliases1 = registry(paths)
+    new = sorted(set(versions1) - set(versions0))
+    assert len(new) == 1 and versions1[new[0]]["parent_version"] == str(target), new
+    assert aliases1["champion"] == (new[0] if point == "after:champion_alias" else champion)
+
+    rc, out, err = cli("rollback", *retry)
+    assert rc == 0, out + err
+    versions2, aliases2 = registry(paths)
+    assert sorted(versions2) == sorted(versions1), "the retry registered another version"
+    assert aliases2 == {"champion": new[0]}, aliases2
+    _, listing = cli_json("releases")
+    last = listing["promotions"][-1]
+    assert (last["version"], last["previous"], last["action"]) == \
+        (new[0], champion, "rollback-reapply")
+    assert not (paths.artifacts / "rollback.json").exists()
+    assert running_runs(paths, versions2[new[0]]["batch_id"]) == []
+    rc, out, err = cli("rollback", "--to", str(target), "--reapply")  # again: nothing new
+    assert rc == 0 and sorted(registry(paths)[0]) == sorted(versions1), out + err
