@@ -21,7 +21,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tasks import registry, release
+from tasks import escalation, registry, release
 from tasks.adopt import write_base
 from tasks.faults import fault
 from tasks.gates import check_base_gates
@@ -42,6 +42,7 @@ from tasks.steps import (
     record_batch,
     record_release,
     register_model,
+    retrain_exact_model,
     run_unlearning,
     track_data,
     train_model,
@@ -268,7 +269,7 @@ def _batch_tags(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch
 
 def _register(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
               candidate: dict[str, Any], metrics: dict[str, Any], gates: dict[str, Any],
-              run_name: str) -> int:
+              run_name: str, extra_tags: dict[str, Any] | None = None) -> int:
     folder = Path(candidate["path"]).parent
     params = {**cfg.flat(), "batch_ids": ",".join(batches), "parent_version": parent["version"]}
     artifacts = {
@@ -277,7 +278,7 @@ def _register(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches
     }
     version = register_model(
         paths, cfg, run_name=run_name, checkpoint=candidate["path"],
-        tags=_batch_tags(paths, cfg, parent, batches, candidate, gates),
+        tags={**_batch_tags(paths, cfg, parent, batches, candidate, gates), **(extra_tags or {})},
         metrics={**metrics, "gates_passed": float(gates["passed"])}, params=params,
         artifacts=artifacts, input_example=release.dataset_of(cfg).test_x[:4].numpy())
     return _publish(paths, cfg, version, parent["version"], batches, gates["passed"])
@@ -295,12 +296,17 @@ def _publish(paths: Paths, cfg: PipelineParams, version: int, parent: int, batch
     return version
 
 
-def _adopt(paths: Paths, cfg: PipelineParams, client, batch_id: str,
-           champion: int) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
-    """A version an interrupted run registered for ``batch_id`` on the current champion:
-    (version, metrics, gates) read back from the registry, or None if there is none."""
-    mv = registry.find_batch_version(client, cfg.registry.model_name, batch_id, champion,
-                                     cfg.sha256())
+def _adopt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion: int,
+           attempt: escalation.Attempt | None = None,
+           folder: Path | None = None) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """A version an interrupted run registered for ``batch_id`` on the current champion
+    (for ``attempt``, when given: its report in ``folder``): (version, metrics, gates) read
+    back from the registry, or None if there is none."""
+    if attempt is None:
+        mv = registry.find_batch_version(client, cfg.registry.model_name, batch_id, champion,
+                                         cfg.sha256())
+    else:
+        mv = escalation.find_attempt(client, cfg, batch_id, champion, attempt)
     registry.close_stale_runs(client, cfg.registry.experiment, batch_id,
                               registered_run=mv.run_id if mv is not None else None)
     if mv is None:
@@ -309,7 +315,7 @@ def _adopt(paths: Paths, cfg: PipelineParams, client, batch_id: str,
     failures = [g for g in mv.tags.get("gate_failures", "").split(",") if g]
     gates: dict[str, Any] = {"passed": mv.tags.get("gates_passed") == "true",
                              "failures": failures, "summary": ", ".join(failures)}
-    saved = paths.batch_dir(batch_id) / "gates.json"
+    saved = (folder or paths.batch_dir(batch_id)) / "gates.json"
     try:  # the full report the interrupted run wrote, if it is there and agrees
         report = json.loads(saved.read_text())
         if report.get("passed") == gates["passed"]:
@@ -357,8 +363,11 @@ def cumulative_drop(paths: Paths, cfg: PipelineParams, client, parent: int,
             "cumulative_drop": base[1] - float(metrics["test_acc"])}
 
 
-def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str) -> dict[str, Any]:
-    """Validate, unlearn, evaluate, gate, register and (if it passes) promote one batch."""
+def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str,
+                 method: str | None = None) -> dict[str, Any]:
+    """Validate, unlearn, evaluate, gate, register and (if it passes) promote one batch; a
+    release that fails its gates is followed by the next attempt of the escalation policy
+    (``unlearn.fallback``; ``method``: that method alone), from the same champion."""
     start = time.perf_counter()
     name = cfg.registry.model_name
     champion = registry.alias_version(client, name, registry.CHAMPION)
@@ -370,39 +379,103 @@ def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str) -> di
         reason = "validation: " + checked["summary"]
         record_batch(paths, batch_id, "rejected", reason=reason, report=checked)
         return {"batch_id": batch_id, "state": "rejected", "reason": reason}
-    adopted = _adopt(paths, cfg, client, batch_id, champion)
-    if adopted is not None:  # registered before a crash: finish it, never register it twice
-        version, metrics, gates = adopted
-        _publish(paths, cfg, version, champion, [batch_id], gates["passed"])
-        unlearn_seconds = metrics.get("unlearn_seconds", 0.0)
-    else:  # the ledger accepts the attempt before anything is registered for it
-        record_attempt(paths, [batch_id], {"kind": "release", "parent": champion})
-        parent = fetch_model(paths, cfg, champion)
-        with Ledger(paths.ledger) as ledger:
-            earlier = ledger.covered_batches(champion)
-        out = paths.batch_dir(batch_id) / "candidate.pt"
-        candidate = run_unlearning(paths, cfg, parent, batch_id, earlier, out)
-        metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, earlier)
-        metrics.update(cumulative_drop(paths, cfg, client, champion, metrics))
-        gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
-        version = _register(paths, cfg, parent, [batch_id], candidate, metrics, gates,
-                            run_name=f"unlearn-{batch_id}")
-        unlearn_seconds = candidate["seconds"]
+    objectives = {r["objective"] for r in release.read_rows(paths.manifest(batch_id))}
+    with Ledger(paths.ledger) as ledger:  # attempts before a retry stay on record
+        earlier_report = (b.report or {}) if (b := ledger.batch(batch_id)) else {}
+    prior = list(earlier_report.get("escalation") or [])
+    tried: list[dict[str, Any]] = []
+    for attempt in escalation.plan(cfg, objectives, method):  # the policy: next on failure
+        tried.append(_attempt(paths, cfg, client, batch_id, champion, attempt, tried))
+        if tried[-1]["gates"]["passed"]:
+            break
+    last = tried[-1]
+    version, metrics, gates = last["version"], last["metrics"], last["gates"]
+    report = {"gates": gates, "escalation": prior + [_attempt_record(t) for t in tried],
+              "exact": bool(gates["passed"] and last["exact"])}
     if gates["passed"]:
         promote_model(paths, cfg, version)
-        record_batch(paths, batch_id, "done", version=version, report={"gates": gates},
+        record_batch(paths, batch_id, "done", version=version, report=report,
                      promotion=(version, champion, "promote"))
         state, reason = "done", None
-    else:
-        reason = "gates: " + gates["summary"]
+    else:  # an open obligation: `unlearn requests` lists it, `unlearn retry` re-queues it
+        reason = "gates: " + "; ".join(
+            f"attempt {t['attempt']} ({t['method']}, version {t['version']}): "
+            f"{t['gates']['summary']}" for t in tried)
         record_batch(paths, batch_id, "rejected", version=version, reason=reason,
-                     report={"gates": gates})
+                     report=report)
         state = "rejected"
     total = time.perf_counter() - start
     return {"batch_id": batch_id, "state": state, "version": version, "parent": champion,
             "reason": reason, "metrics": metrics, "gates": gates,
-            "seconds": total, "unlearn_seconds": unlearn_seconds,
-            "resumed": adopted is not None}
+            "seconds": total, "unlearn_seconds": sum(t["seconds"] for t in tried),
+            "resumed": any(t["resumed"] for t in tried), "exact": report["exact"],
+            "attempts": report["escalation"]}
+
+
+def _attempt_record(t: dict[str, Any]) -> dict[str, Any]:
+    """One attempt as the ledger keeps it (``unlearn requests --json``, ``unlearn audit``)."""
+    return {"attempt": t["attempt"], "version": t["version"], "method": t["method"],
+            "params": t["params"], "exact": t["exact"], "passed": t["gates"]["passed"],
+            "escalated_from": t["escalated_from"], "summary": t["gates"].get("summary"),
+            "failures": [{"gate": c["name"], "value": c["value"], "limit": c["limit"],
+                          "detail": c["detail"]}
+                         for c in t["gates"].get("checks", []) if not c["passed"]]
+            or [{"gate": f} for f in t["gates"]["failures"]]}
+
+
+def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion: int,
+             attempt: escalation.Attempt, tried: list[dict[str, Any]]) -> dict[str, Any]:
+    """One attempt of the escalation policy on ``batch_id`` from ``champion``: registered
+    (passed or not) with tags ``attempt``, ``attempt_key`` and ``escalated_from``; a version
+    an interrupted run registered for the same attempt is finished instead."""
+    first = attempt == escalation.primary(cfg)
+    folder = paths.batch_dir(batch_id) / ("" if first else f"attempt-{attempt.key[:8]}")
+    acfg = escalation.attempt_params(cfg, attempt)
+    base = {"method": attempt.method, "params": attempt.params, "exact": attempt.exact,
+            "escalated_from": tried[-1]["version"] if tried else None}
+    if not tried:  # a retry: escalated from the batch's last failed version, if any
+        versions = escalation.batch_versions(client, cfg.registry.model_name, batch_id)
+        failed = [int(mv.version) for mv in versions if mv.tags.get("gates_passed") == "false"]
+        base["escalated_from"] = failed[-1] if failed else None
+    adopted = _adopt(paths, cfg, client, batch_id, champion, attempt, folder)
+    if adopted is not None:  # registered before a crash: finish it, never register it twice
+        version, metrics, gates = adopted
+        _publish(paths, cfg, version, champion, [batch_id], gates["passed"])
+        number = int(registry.version_info(client, cfg.registry.model_name, version)
+                     .tags.get("attempt") or 1)
+        return {**base, "attempt": number, "version": version, "metrics": metrics,
+                "gates": gates, "seconds": metrics.get("unlearn_seconds", 0.0), "resumed": True}
+    number = len(escalation.batch_versions(client, cfg.registry.model_name, batch_id)) + 1
+    # the ledger accepts the attempt before anything is registered for it
+    record_attempt(paths, [batch_id], {"kind": "release", "parent": champion,
+                                       "attempt": number, "method": attempt.method})
+    parent = fetch_model(paths, cfg, champion)
+    with Ledger(paths.ledger) as ledger:
+        earlier = ledger.covered_batches(champion)
+    out = folder / "candidate.pt"
+    if attempt.exact:
+        candidate = retrain_exact_model(paths, cfg, parent, [*earlier, batch_id], out)
+    else:
+        candidate = run_unlearning(paths, acfg, parent, batch_id, earlier, out)
+    metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, earlier)
+    metrics.update(cumulative_drop(paths, cfg, client, champion, metrics))
+    if attempt.exact:
+        gates = escalation.exact_gates(metrics, cfg.gates)
+        out.with_name("gates.json").write_text(json.dumps(gates, indent=2))
+    else:
+        gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
+    extra = {"attempt": str(number), "attempt_key": attempt.key, "method": attempt.method,
+             "params_sha256": cfg.sha256(),  # params.yaml as a whole: it names the attempt
+             "escalated_from": str(base["escalated_from"] or "")}
+    if attempt.exact:
+        extra.update(exact="true", seed=cfg.pretrain.seed)
+    elif not first:
+        extra["method_params"] = json.dumps(attempt.params, sort_keys=True)
+    version = _register(paths, acfg if not attempt.exact else cfg, parent, [batch_id],
+                        candidate, metrics, gates, run_name=f"unlearn-{batch_id}"
+                        + ("" if number == 1 else f"-attempt-{number}"), extra_tags=extra)
+    return {**base, "attempt": number, "version": version, "metrics": metrics,
+            "gates": gates, "seconds": candidate["seconds"], "resumed": False}
 
 
 @flow(name="process-deletions")
@@ -445,6 +518,73 @@ def process_deletions_flow(home: str | None = None) -> dict[str, Any]:
             results.append(result)
         champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
     return {"status": "ok", "batches": results, "champion": champion, "reconciled": reconciled}
+
+
+# -- retry ------------------------------------------------------------------------------------
+
+
+def retry_problem(cfg: PipelineParams, batch, method: str | None) -> str | None:
+    """Why ``batch`` cannot be retried (None if it can): only a batch whose release failed
+    its gates (an open obligation) is; ``method`` must be one the pipeline runs."""
+    from tasks.obligations import status_of
+
+    if batch is None:
+        return "no such batch"
+    status = status_of(batch)
+    if status != "open" or batch.state != "rejected":
+        what = {"invalid": f"was rejected at validation ({batch.reason}); fix the manifest "
+                           "and submit it again",
+                "open": "is pending already: `unlearn run` applies it"}.get(
+            status, f"is {status} already")
+        return f"batch {batch.batch_id} {what}"
+    if method is not None:
+        from tasks.params import ParamsError
+
+        try:  # checked as a fallback entry is: known, and runnable by the pipeline
+            cfg.with_overrides("unlearn", fallback=[{"method": method}])
+        except ParamsError as e:
+            return f"--method {method}: {str(e).split('.method: ', 1)[-1]}"
+    return None
+
+
+@flow(name="retry")
+def retry_flow(batch_id: str, method: str | None = None,
+               home: str | None = None) -> dict[str, Any]:
+    """Re-queue a batch whose release failed its gates (``pending`` again: the next run
+    applies it with the whole escalation policy); with ``method``, apply it now with that
+    method alone, from the current champion."""
+    paths, cfg = setup(home)
+    with file_lock(paths.lock, wait=False) as got:
+        if not got:
+            return _busy(paths)
+        if (damaged := _damaged(paths, cfg)) is not None:
+            return damaged
+        with Ledger(paths.ledger) as ledger:
+            batch = ledger.batch(batch_id)
+            why = retry_problem(cfg, batch, method)
+            if why is None:
+                ids = {r["instance_id"] for r in ledger.requests(batch_id)}
+                again = ids & ledger.claimed_instances(exclude_batch=batch_id)
+                if again:
+                    why = (f"instance(s) {', '.join(map(str, sorted(again)[:5]))} of batch "
+                           f"{batch_id} were submitted again in another batch: that one "
+                           "carries the obligation now")
+            if why is not None:
+                return {"status": "invalid", "reason": why}
+            problem = manifest_problem(paths, batch)
+            if problem:
+                return {"status": "failed", "reason": problem}
+            with ledger.transaction() as db:  # an open obligation back in the queue
+                db.execute("UPDATE batches SET state='pending', updated=? WHERE batch_id=? "
+                           "AND state='rejected'", (time.time(), batch_id))
+        if method is None:
+            return {"status": "ok", "requeued": batch_id, "batches": []}
+        client = registry.connect(paths, cfg)
+        if registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION) is None:
+            return {"status": "failed", "reason": "no champion yet: run `unlearn pretrain`"}
+        result = _apply_batch(paths, cfg, client, batch_id, method)
+        champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
+    return {"status": "ok", "requeued": batch_id, "batches": [result], "champion": champion}
 
 
 # -- promote and rollback ---------------------------------------------------------------------

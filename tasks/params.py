@@ -83,6 +83,51 @@ class ValidationParams(_Section):
     max_batch_size: int = Field(default=256, ge=1, le=100_000)  # (a manifest's row cap)
 
 
+EXACT_RETRAIN = "retrain-exact"  # the escalation's last resort (tasks/escalation.py)
+
+
+class FallbackEntry(_Section):
+    """One step of the escalation policy (``unlearn.fallback``): a method and its params,
+    optionally only for batches whose objectives are all in ``objectives``."""
+    model_config = ConfigDict(allow_inf_nan=True)
+
+    method: str
+    params: dict[str, int | float | bool | str] = Field(default_factory=dict)
+    objectives: list[str] | None = None
+
+
+def _check_fallback(entries: list[FallbackEntry]) -> None:
+    """Every entry names a method the pipeline can run, with params its config knows."""
+    from unlearning.methods import OBJECTIVES, MethodConfigError, get_method, make_config
+
+    for i, entry in enumerate(entries):
+        key = f"fallback[{i}]"
+        for objective in entry.objectives or ():
+            if objective not in OBJECTIVES:
+                raise ValueError(f"{key}.objectives: unknown objective {objective!r}; use "
+                                 f"{', '.join(OBJECTIVES)}")
+        if entry.method == EXACT_RETRAIN:
+            if entry.params:
+                raise ValueError(f"{key}.params.{next(iter(entry.params))}: {EXACT_RETRAIN} "
+                                 "takes no params (it retrains with params.yaml's pretrain "
+                                 "recipe)")
+            continue
+        try:
+            info = get_method(entry.method)
+        except (KeyError, ValueError):
+            raise ValueError(f"{key}.method: unknown method {entry.method!r}; use "
+                             f"{EXACT_RETRAIN} or one of `unlearn methods`") from None
+        if info.needs_retain:
+            raise ValueError(f"{key}.method: {entry.method} needs retain data the pipeline "
+                             f"does not pass; use {EXACT_RETRAIN} for exact retraining")
+        try:
+            make_config(entry.method, entry.params)
+        except MethodConfigError as e:
+            raise ValueError(f"{key}.params.{e.key}: {e.detail}") from None
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{key}.params: {str(e).strip(chr(39) + chr(34))}") from None
+
+
 class UnlearnParams(_Section):
     # the method's params are checked by its config (make_config), with messages that name
     # the key; NaN/inf reach it rather than a union error from pydantic
@@ -92,6 +137,8 @@ class UnlearnParams(_Section):
     seed: int = Field(default=0, ge=0, le=2**63 - 1)  # mixed with each batch id
     include_earlier: bool = True  # earlier deletions join the forget set, so they stay deleted
     params: dict[str, int | float | bool | str] = Field(default_factory=dict)
+    # tried in turn when a release fails its gates (tasks/escalation.py); empty: none
+    fallback: list[FallbackEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _method_params(self) -> UnlearnParams:
@@ -104,6 +151,7 @@ class UnlearnParams(_Section):
                                       {"key": e.key, "detail": e.detail}) from None
         except (KeyError, ValueError) as e:
             raise ValueError(str(e).strip("'\"")) from None
+        _check_fallback(self.fallback)
         return self
 
 
@@ -197,7 +245,7 @@ class PipelineParams(_Section):
 def _describe(e: ValidationError, source: str) -> str:
     parts = []
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"] if p)
+        key = ".".join(str(p) for p in err["loc"] if p or p == 0)  # 0: a list index
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
         elif err["type"] == "method_param":  # make_config's own check, on one key

@@ -31,7 +31,9 @@ PIP_REQUIREMENTS = ["torch==2.14.1", "numpy"]
 LINEAGE_TAGS = ("parent_version", "batch_id", "request_ids", "objective", "method", "data_rev",
                 "code_rev", "params_sha256", "weights_sha256", "dataset", "arch", "input_shape",
                 "seed", "status", "device", "source", "source_sha256", "source_format",
-                "input_contract", "classes", "served_sha256")
+                "input_contract", "classes", "served_sha256",
+                # the escalation policy (tasks/escalation.py): which attempt, after which
+                "attempt", "escalated_from", "exact", "method_params", "gate_failures")
 # copied from parent to child versions (releases keep the base model's contract and classes)
 CARRIED_TAGS = ("dataset", "arch", "input_shape", "input_contract", "classes")
 CONTRACT_ARTIFACT = "input_contract.json"

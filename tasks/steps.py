@@ -87,6 +87,16 @@ def run_unlearning(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], ba
         paths, cfg, parent, batch_id, earlier, out, p))
 
 
+@task(name="retrain-exact", cache_policy=NO_CACHE)
+def retrain_exact_model(paths: Paths, cfg: PipelineParams, parent: dict[str, Any],
+                        batch_ids: list[str], out: Path) -> dict[str, Any]:
+    """The escalation's last resort: retrain from scratch without ``batch_ids``."""
+    from .escalation import retrain_exact
+
+    return _progress("retrain-exact", lambda p: retrain_exact(paths, cfg, parent, batch_ids,
+                                                              out, p))
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_model(paths: Paths, cfg: PipelineParams, parent: dict[str, Any],
                    candidate: dict[str, Any], batch_id: str,

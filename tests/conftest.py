@@ -27,7 +27,9 @@ os.environ.update(OFFLINE_ENV)
 # Small settings: a few seconds of training, short unlearning loops.
 TEST_PARAMS = {
     "pretrain": {"epochs": 8},
-    "unlearn": {"params": {"max_steps": 400}},
+    "unlearn": {"params": {"max_steps": 400},
+                "fallback": []},  # no escalation: a failing release stays failed (see
+    # tests/flows/test_escalation.py for the policy)
     "evaluate": {"mia_max_per_side": 200},
 }
 

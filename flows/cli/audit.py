@@ -41,6 +41,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except (RegistryError, CheckpointError) as e:
         raise Failure(f"cannot load the champion for the live check: {e}") from None
+    _add_attempts(paths, result)
     if args.json:
         emit(result)
         return EXIT_OK if result["ok"] else EXIT_FAILED
@@ -53,6 +54,30 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise Failure("a deletion does not hold in the current champion "
                       f"(version {result['champion']})")
     return EXIT_OK
+
+
+def _add_attempts(paths, result: dict[str, Any]) -> None:
+    """Each request's release attempts (version, method, gate failures with their values)."""
+    from tasks.ledger import Ledger
+    from tasks.obligations import attempts_of, status_of
+
+    with Ledger(paths.ledger) as ledger:
+        for r in result["requests"]:
+            batch = ledger.batch(r["batch_id"])
+            r["attempts"] = attempts_of(batch) if batch else []
+            r["status"] = status_of(batch) if batch else None
+
+
+def _attempt_lines(r: dict[str, Any]) -> list[str]:
+    lines = []
+    for a in r.get("attempts") or []:
+        head = (f"  attempt {a['attempt']}: version {a['version']} ({a['method']}"
+                + (f", escalated from version {a['escalated_from']}" if a.get("escalated_from")
+                   else "") + "): " + ("passed" if a["passed"] else "FAILED"))
+        lines.append(head)
+        if not a["passed"]:
+            lines += [f"    {f.get('detail') or f['gate']}" for f in a.get("failures") or []]
+    return lines
 
 
 def render(result: dict[str, Any]) -> str:
@@ -73,7 +98,8 @@ def render(result: dict[str, Any]) -> str:
             state += f": {r['reason']}"
         if r.get("kept_version"):
             state += f" (version {r['kept_version']} kept for audit, never served)"
-        lines.append(f"  state      {state}")
+        lines.append(f"  state      {state}" + (f"  [{r['status']}]" if r.get("status") else ""))
+        lines += _attempt_lines(r)
         rel = r["release"]
         if rel is None:
             lines.append("  removed by -  (not applied to any release)")

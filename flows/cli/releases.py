@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from .arguments import version_number
-from .errors import EXIT_FAILED, EXIT_OK
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .output import emit, finish, table
 from .runtime import context, refuse_if_damaged, run_flow, warn_if_damaged
 
@@ -17,9 +17,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(handler=cmd_releases)
 
-    p = sub.add_parser("requests", help="list deletion batches and requests with their state")
+    p = sub.add_parser("requests", help="list deletion batches and requests with their state; "
+                                        "open obligations with their age")
+    p.add_argument("--overdue", type=days, metavar="DAYS",
+                   help="list only the open requests submitted more than DAYS days ago")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(handler=cmd_requests)
+
+    p = sub.add_parser("retry", help="re-queue a batch whose release failed its gates (or, "
+                                     "with --method, retry it now with that method)")
+    p.add_argument("batch", help="the batch id (`unlearn requests`)")
+    p.add_argument("--method", help="retry now with this method alone (e.g. retrain-exact; "
+                                    "its params: its unlearn.fallback entry's, else defaults)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_retry)
 
     p = sub.add_parser("promote", help="make VERSION the champion (guarded)")
     p.add_argument("version", type=version_number)
@@ -66,26 +77,75 @@ def cmd_releases(args: argparse.Namespace) -> int:
                        "test_acc", "drop", "obj_rate", "weights"]))
     return status
 
+def days(text: str) -> float:
+    """--overdue DAYS: a finite number of days >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected a number of days >= 0, got {text[:40]!r}")
+    return value
+
+
 def cmd_requests(args: argparse.Namespace) -> int:
     paths, cfg = context()
     refuse_if_damaged(paths, cfg)  # a lost ledger must not read as "no requests"
     from tasks.ledger import Ledger
+    from tasks.obligations import listing
 
-    batches: list[dict[str, Any]] = []
-    requests: list[dict[str, Any]] = []
+    found: dict[str, Any] = {"batches": [], "requests": [], "open": []}
     if paths.ledger.exists():
         with Ledger(paths.ledger) as ledger:
-            batches = [b.to_dict() for b in ledger.batches()]
-            requests = ledger.requests()
+            found = listing(ledger, overdue_days=args.overdue)
     if args.json:
-        emit({"batches": batches, "requests": requests})
+        emit({**found, "overdue_days": args.overdue})
         return EXIT_OK
-    print(table(batches, ["batch_id", "state", "rows", "version", "reason"]))
+    keyed = ["instance_key"] if any(r.get("instance_key") for r in found["requests"]) else []
+    open_rows = [{**r, "age": _age(r["age_days"])} for r in found["open"]]
+    if args.overdue is not None:
+        print(f"{len(open_rows)} open request(s) older than {args.overdue:g} day(s)")
+        if open_rows:
+            print(table(open_rows, ["request_id", "batch_id", "objective", "submitted", "age",
+                                    "open_because"]))
+        return EXIT_OK
+    print(table(found["batches"], ["batch_id", "status", "rows", "version", "reason"]))
     print()
-    keyed = ["instance_key"] if any(r.get("instance_key") for r in requests) else []
-    print(table(requests, ["batch_id", "row", "request_id", "instance_id", *keyed, "objective",
-                           "new_label", "state", "version"]))
+    print(table(found["requests"], ["batch_id", "row", "request_id", "instance_id", *keyed,
+                                    "objective", "new_label", "status", "version"]))
+    print()
+    print(f"{len(open_rows)} open request(s)" + (" (oldest first):" if open_rows else ""))
+    if open_rows:
+        print(table(open_rows, ["request_id", "batch_id", "submitted", "age", "open_because"]))
     return EXIT_OK
+
+
+def _age(age_days: float) -> str:
+    hours = age_days * 24
+    return f"{age_days:.1f} d" if hours >= 24 else f"{hours:.1f} h"
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    paths, cfg = context()
+    refuse_if_damaged(paths, cfg, served=True)
+    from flows.pipeline import retry_flow
+
+    result = run_flow(retry_flow, batch_id=args.batch, method=args.method,
+                      home=str(paths.home))
+    failed = [b for b in result.get("batches", []) if b["state"] != "done"]
+    if args.json:
+        emit(result)
+        status = result.get("status")
+        return (EXIT_USAGE if status == "invalid" else
+                EXIT_FAILED if status != "ok" or failed else EXIT_OK)
+    if result.get("status") != "ok" or not result.get("batches"):
+        return finish(result, False, f"{args.batch}: pending again (the next `unlearn run` "
+                                     "applies it with the escalation policy)")
+    from .pipeline import _batch_line
+
+    print(_batch_line(result["batches"][0]))
+    print(f"champion: version {result['champion']}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 def cmd_promote(args: argparse.Namespace) -> int:
     paths, cfg = context()

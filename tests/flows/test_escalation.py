@@ -1,0 +1,145 @@
+"""Issue 23, every deletion request ships: a release that fails its gates is escalated by
+``unlearn.fallback`` in the same run; what no attempt could release stays an open obligation
+(`unlearn requests`, `--overdue`), retried with `unlearn retry`; exact retraining is the
+last resort."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flow_helpers import cli, cli_json
+
+from tasks.params import ParamsError, parse_params
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _manifest(root: Path, ids: list[int], objective: str = "misclassify",
+              tag: str = "e") -> Path:
+    path = root / f"{tag}.csv"
+    path.write_text("request_id,instance_id,objective,new_label\n"
+                    + "".join(f"{tag}-{i},{i},{objective},\n" for i in ids))
+    return path
+
+
+def _state(monkeypatch, tmp_path: Path, write_params, **unlearn) -> Path:
+    monkeypatch.setenv("UNLEARN_HOME", str(tmp_path))
+    write_params(tmp_path, unlearn={"params": {"max_steps": 1}, **unlearn})
+    assert cli("pretrain", "--epochs", "4")[0] == 0
+    return tmp_path
+
+
+def _versions(rc_json) -> dict[int, dict]:
+    _rc, data = rc_json
+    return {v["version"]: v for v in data["versions"]}
+
+
+def test_a_failing_release_is_escalated_in_the_same_run(tmp_path, monkeypatch, write_params):
+    root = _state(monkeypatch, tmp_path, write_params,
+                  fallback=[{"method": "l2ul", "params": {"max_steps": 400}},
+                            {"method": "retrain-exact"}])
+    assert cli("submit", str(_manifest(root, [101, 202, 303])))[0] == 0
+    rc, run = cli_json("run")
+    assert rc == 0, run
+    [batch] = run["batches"]
+    assert batch["state"] == "done" and batch["version"] == 3 and not batch["exact"]
+    first, second = batch["attempts"]
+    assert (first["attempt"], first["version"], first["passed"]) == (1, 2, False)
+    assert {f["gate"] for f in first["failures"]} >= {"objective_reached"}
+    assert all("value" in f and "limit" in f for f in first["failures"])
+    assert (second["attempt"], second["version"], second["passed"]) == (2, 3, True)
+    assert second["escalated_from"] == 2 and second["method"] == "l2ul"
+
+    versions = _versions(cli_json("releases"))
+    assert versions[2]["lineage"]["status"] == "failed" and not versions[2]["aliases"]
+    assert versions[2]["lineage"]["attempt"] == "1"
+    assert versions[3]["lineage"]["attempt"] == "2"
+    assert versions[3]["lineage"]["escalated_from"] == "2"
+    assert versions[3]["lineage"]["parent_version"] == "1"
+    assert "champion" in versions[3]["aliases"]
+
+    rc, listing = cli_json("requests")
+    assert rc == 0
+    assert {r["status"] for r in listing["requests"]} == {"done"}
+    assert listing["open"] == []
+    [b] = listing["batches"]
+    assert b["state"] == "done" and b["version"] == 3
+    assert [a["version"] for a in b["attempts"]] == [2, 3]
+
+    rc, audit = cli_json("audit", "e-101")
+    assert rc == 0, audit
+    [request] = audit["requests"]
+    assert [a["version"] for a in request["attempts"]] == [2, 3]
+    assert request["attempts"][0]["passed"] is False
+    rc, out, _ = cli("audit", "e-101")
+    assert rc == 0 and "attempt 1: version 2 (l2ul" in out and "FAILED" in out
+
+    # the guard still refuses versions without the deletion, the failed attempt included
+    assert cli("rollback", "--to", "1")[0] == 1
+    assert cli("promote", "2")[0] == 1
+
+
+def test_an_open_obligation_is_listed_and_retried_exactly(tmp_path, monkeypatch, write_params):
+    root = _state(monkeypatch, tmp_path, write_params, fallback=[])
+    assert cli("submit", str(_manifest(root, [111, 222], tag="m")))[0] == 0
+    assert cli("submit", str(_manifest(root, [999999], tag="bad")))[0] == 1  # invalid input
+    rc, run = cli_json("run")
+    assert rc == 1 and run["batches"][0]["state"] == "rejected"
+    batch_id = run["batches"][0]["batch_id"]
+
+    rc, listing = cli_json("requests")
+    assert rc == 0
+    statuses = {r["request_id"]: r["status"] for r in listing["requests"]}
+    assert statuses["m-111"] == statuses["m-222"] == "open"
+    assert statuses["bad-999999"] == "invalid"  # rejected at validation: not an obligation
+    assert [o["request_id"] for o in listing["open"]] == ["m-111", "m-222"]
+    assert all(o["age_days"] >= 0 for o in listing["open"])
+    [failed] = [b for b in listing["batches"] if b["batch_id"] == batch_id]
+    assert failed["attempts"][0]["failures"][0]["value"] is not None
+
+    rc, overdue = cli_json("requests", "--overdue", "0")
+    assert rc == 0 and [o["request_id"] for o in overdue["open"]] == ["m-111", "m-222"]
+    rc, overdue = cli_json("requests", "--overdue", "1")
+    assert rc == 0 and overdue["open"] == []
+    rc, out, _ = cli("requests", "--overdue", "0")
+    assert rc == 0 and "m-111" in out
+    assert cli("requests", "--overdue", "-1")[0] == 2
+    assert cli("retry", "no-such-batch")[0] == 2
+    assert cli("retry", batch_id, "--method", "nope")[0] == 2
+
+    rc, retried = cli_json("retry", batch_id, "--method", "retrain-exact")
+    assert rc == 0, retried
+    [batch] = retried["batches"]
+    assert batch["state"] == "done" and batch["exact"] and batch["version"] == 3
+    versions = _versions(cli_json("releases"))
+    lineage = versions[3]["lineage"]
+    assert lineage["method"] == "retrain-exact" and lineage["exact"] == "true"
+    assert lineage["attempt"] == "2" and "champion" in versions[3]["aliases"]
+    rc, listing = cli_json("requests")
+    statuses = {r["request_id"]: r["status"] for r in listing["requests"]}
+    assert statuses["m-111"] == "done (exact)" and listing["open"] == []
+    assert cli("rollback", "--to", "1")[0] == 1  # the guard: v1 predates the deletion
+    assert cli("retry", batch_id)[0] == 2  # done: nothing to retry
+
+
+@pytest.mark.parametrize("fallback, message", [
+    ([{"method": "nope"}], "fallback[0].method: unknown method 'nope'"),
+    ([{"method": "l2ul"}, {"method": "l2ul", "params": {"max_stepz": 3}}],
+     "fallback[1].params: unknown parameter(s) for l2ul"),
+    ([{"method": "l2ul", "params": {"max_steps": 0}}], "fallback[0].params.max_steps"),
+    ([{"method": "retrain-exact", "params": {"epochs": 3}}], "fallback[0].params.epochs"),
+    ([{"method": "l2ul", "objectives": ["forget"]}], "fallback[0].objectives"),
+    ([{"method": "l2ul", "budget": 3}], "unknown key 'unlearn.fallback.0.budget'"),
+])
+def test_the_policy_is_validated(fallback, message):
+    with pytest.raises(ParamsError) as e:
+        parse_params({"unlearn": {"fallback": fallback}})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_policy_is_exit_2(home):
+    text = home.params_file.read_text() + "\n"
+    home.params_file.write_text(text.replace("fallback: []", "fallback: [{method: nope}]"))
+    rc, _, err = cli("requests")
+    assert rc == 2 and "fallback[0].method" in err and len(err.strip().splitlines()) == 1
