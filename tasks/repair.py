@@ -396,6 +396,23 @@ def restore_champion(paths: Paths, cfg: PipelineParams, stores: Stores) -> list[
 # -- the command ------------------------------------------------------------------------------
 
 
+def _cannot(paths: Paths, stores: Stores, problem: Problem) -> str:
+    """What cannot be rebuilt, said plainly (nothing was changed)."""
+    if problem.store != "registry" or problem.kind not in ("missing", "empty", "damaged"):
+        return f"{problem.line}; nothing was changed"
+    versions = sorted(stores.releases) or sorted(int(e["version"]) for e in stores.order
+                                                 if "version" in e)
+    last = stores.promotions[-1]["version"] if stores.promotions else None
+    done = len(stores.done())
+    what = (f"version(s) {', '.join(map(str, versions))}" if versions else "its versions")
+    return (f"{problem.line.split(', but')[0]} and cannot be rebuilt: {what}"
+            + (f" (champion {last})" if last is not None else "")
+            + ", their weights, served models and runs lived there and neither the ledger nor "
+            "data/ holds them. Restore mlruns/ from a backup; nothing was changed"
+            + (f" (the ledger and data/ still record the {done} committed batch(es))"
+               if stores.ledger == "ok" else ""))
+
+
 def repair(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
     """Check, rebuild what can be rebuilt, check again. ``status``: ok (the records agree
     now), failed (something cannot be rebuilt: ``reason``; nothing was changed then) or
@@ -422,9 +439,10 @@ def repair(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
                 return {**result, "reason": None}
             blocked = _unrepairable(before.problems)
             if blocked:
-                return {**result, "status": "failed", "reason": blocked[0].line + (
-                    "; nothing was changed" if len(blocked) == 1 else
-                    f"; nothing was changed ({len(blocked) - 1} more such problem(s))")}
+                more = (f" ({len(blocked) - 1} more such problem(s))" if len(blocked) > 1
+                        else "")
+                return {**result, "status": "failed",
+                        "reason": _cannot(paths, before.stores, blocked[0]) + more}
             stores = before.stores
             restored, lost = restore_manifests(paths, stores)
             stores = read_stores(paths, cfg)
