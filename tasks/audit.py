@@ -221,6 +221,12 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
                 rec["live"] = (live_check(model, dataset, r, verdicts.get(b.batch_id))
                                if r["objective"] == "as-if-unseen"
                                else live_check(model, dataset, r))
+                if not rec["live"]["holds"] and (b.report or {}).get("exact"):
+                    # released by exact retraining: a model never trained on the row may
+                    # still predict it correctly; its influence is gone (tasks/escalation.py)
+                    rec["live"] = {**rec["live"], "holds": True, "exact": True,
+                                   "rule": rec["live"]["rule"] + "; done (exact): released by "
+                                   "retrain-exact, never trained on this row"}
         elif b.version is not None:  # rejected after unlearning: the version is kept for audit
             rec["kept_version"] = b.version
         records.append(rec)

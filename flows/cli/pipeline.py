@@ -273,12 +273,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if rejected or result.get("status") != "ok" else EXIT_OK
 
 def _batch_line(b: dict[str, Any]) -> str:
+    attempts = b.get("attempts") or []
     if b["state"] == "done":
         m = b["metrics"]
-        return (f"{b['batch_id']}: done -> version {b['version']} (objective "
-                f"{m['objective_rate']:.0f}%, test {m['test_acc']:.2f}% drop "
-                f"{m['test_drop']:.2f}, {b['seconds']:.1f} s)")
+        failed = [str(a["version"]) for a in attempts if not a["passed"]]
+        how = (f", escalated: {attempts[-1]['method']} after version(s) {', '.join(failed)} "
+               "failed their gates" if failed else "")
+        return (f"{b['batch_id']}: done{' (exact)' if b.get('exact') else ''} -> version "
+                f"{b['version']} (objective {m['objective_rate']:.0f}%, test "
+                f"{m['test_acc']:.2f}% drop {m['test_drop']:.2f}, {b['seconds']:.1f} s{how})")
     where = f" (version {b['version']} kept for audit)" if b.get("version") else ""
+    if attempts:  # its release failed: the requests stay open obligations
+        where += f", requests still open: `unlearn retry {b['batch_id']}`"
     return f"{b['batch_id']}: rejected{where}: {b['reason']}"
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -40,10 +40,13 @@ def test_a_failing_release_is_escalated_in_the_same_run(tmp_path, monkeypatch, w
                   fallback=[{"method": "l2ul", "params": {"max_steps": 400}},
                             {"method": "retrain-exact"}])
     assert cli("submit", str(_manifest(root, [101, 202, 303])))[0] == 0
-    rc, run = cli_json("run")
-    assert rc == 0, run
-    [batch] = run["batches"]
-    assert batch["state"] == "done" and batch["version"] == 3 and not batch["exact"]
+    rc, out, err = cli("run")
+    assert rc == 0 and "escalated: l2ul after version(s) 2 failed" in out, out + err
+    rc, run = cli_json("run")  # nothing pending now
+    assert rc == 0 and run["batches"] == []
+    rc, listing = cli_json("requests")
+    [batch] = listing["batches"]
+    assert batch["status"] == "done" and batch["version"] == 3  # not exact: l2ul released it
     first, second = batch["attempts"]
     assert (first["attempt"], first["version"], first["passed"]) == (1, 2, False)
     assert {f["gate"] for f in first["failures"]} >= {"objective_reached"}
@@ -119,6 +122,9 @@ def test_an_open_obligation_is_listed_and_retried_exactly(tmp_path, monkeypatch,
     rc, listing = cli_json("requests")
     statuses = {r["request_id"]: r["status"] for r in listing["requests"]}
     assert statuses["m-111"] == "done (exact)" and listing["open"] == []
+    rc, audit = cli_json("audit", "m-111")  # holds: the champion never trained on the row
+    assert rc == 0 and audit["requests"][0]["status"] == "done (exact)", audit
+    assert [a["method"] for a in audit["requests"][0]["attempts"]] == ["l2ul", "retrain-exact"]
     assert cli("rollback", "--to", "1")[0] == 1  # the guard: v1 predates the deletion
     assert cli("retry", batch_id)[0] == 2  # done: nothing to retry
 
