@@ -7,9 +7,9 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: help setup demo test test-all bench lint clean
+.PHONY: help setup demo test test-fast test-unit test-data test-model test-flows test-ui bench lint clean
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+	@grep -E '^[a-z][a-z -]*:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,20 @@ setup: $(BIN)/.installed  ## create .venv and install the project (idempotent)
 demo: setup  ## the main job on the embedded digits data: pretrain, batches, gates, registry
 	$(BIN)/unlearn demo
 
-test: setup  ## the test suite CI runs (slow tests excluded)
-	$(BIN)/python -m pytest -m "not slow" --durations=15
+# `make test` is what CI (.ci/run) runs: every test, slow ones included (the browser tests
+# need Debian's chromium; .ci/run installs it). A skipped test fails the run (--no-skips), and
+# so does a run that collects nothing (pytest exit 5). ARGS passes more pytest options.
+PYTEST := $(BIN)/python -m pytest
+ARGS   ?=
 
-test-all: setup  ## every test, the slow ones too
-	$(BIN)/python -m pytest --durations=15
+test: setup  ## the whole suite CI runs: slow, browser and real-server tests included
+	$(PYTEST) --no-skips --durations=30 $(ARGS)
+
+test-fast: setup  ## the quick loop: slow tests excluded (-m "not slow")
+	$(PYTEST) -m "not slow" --durations=15 $(ARGS)
+
+test-unit test-data test-model test-flows test-ui: test-%: setup  ## one tier: tests/<tier>, slow included
+	$(PYTEST) tests/$* --no-skips --durations=15 $(ARGS)
 
 lint: setup  ## ruff and mypy
 	$(BIN)/ruff check unlearning tasks flows tests

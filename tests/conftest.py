@@ -34,8 +34,32 @@ TEST_PARAMS = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--no-skips", action="store_true",
+        help="fail the run when any test was skipped (`make test` and CI: every part of the "
+             "suite, the browser and the real servers included, must really run)")
+
+
+_NO_SKIPS_FAILED: list[str] = []
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+    if session.config.getoption("--no-skips", default=False):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        skipped = reporter.stats.get("skipped", []) if reporter else []
+        if skipped:
+            _NO_SKIPS_FAILED[:] = [report.nodeid for report in skipped]
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _NO_SKIPS_FAILED:
+        terminalreporter.write_sep(
+            "=", f"--no-skips: {len(_NO_SKIPS_FAILED)} test(s) skipped, the run fails "
+                 "(see the SKIPPED lines: install what they need)", red=True)
 
 
 def _write_params(home: Path, **sections: dict) -> Path:

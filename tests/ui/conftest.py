@@ -1,6 +1,7 @@
-"""Fixtures of the browser and UI tests: a browser (skipped without /usr/bin/chromium), a
-small release state, and a folder for screenshots (printed at the end of the run; set
-UNLEARN_SCREENSHOT_DIR to choose it)."""
+"""Fixtures of the browser and UI tests: a browser (the tests FAIL without /usr/bin/chromium:
+they are part of the suite CI runs, and `.ci/run` installs it), a small release state, and a
+folder for screenshots (printed at the end of the run; set UNLEARN_SCREENSHOT_DIR to choose
+it)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ from ui_helpers import CHROMIUM, SHOTS, Browser
 
 @pytest.fixture(scope="session")
 def chromium_available() -> None:
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's headless browser with "
-                    "`apt-get install -y chromium` (or set CHROMIUM=/path/to/chromium)")
+    """A missing browser fails the browser tests (never skips them): one line, how to fix."""
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"{CHROMIUM} not found: install Debian's headless browser with "
+                    "`sudo apt-get install -y chromium` (or set CHROMIUM=/path/to/chromium)",
+                    pytrace=False)
     try:
         import websockets.sync.client  # noqa: F401  (installed with prefect)
     except ImportError:
-        pytest.skip("the websockets package (DevTools client) is not installed")
+        pytest.fail("the websockets package (DevTools client) is missing: "
+                    "`.venv/bin/pip install -e '.[dev]'` (it comes with prefect)", pytrace=False)
 
 
 @pytest.fixture
