@@ -83,6 +83,16 @@ def attempt_params(cfg: PipelineParams, attempt: Attempt) -> PipelineParams:
     return cfg.with_overrides("unlearn", method=attempt.method, params=dict(attempt.params))
 
 
+def attempt_of(cfg: PipelineParams, tags: dict[str, str]) -> Attempt:
+    """The attempt a registered release was built with, from its tags (``unlearn verify``
+    rebuilds it the same way); a release from before escalation: the primary method."""
+    if tags.get("exact") == "true" or tags.get("method") == EXACT_RETRAIN:
+        return Attempt(EXACT_RETRAIN)
+    if "method_params" in tags:
+        return Attempt(tags.get("method", cfg.unlearn.method), json.loads(tags["method_params"]))
+    return primary(cfg)
+
+
 def batch_versions(client, name: str, batch_id: str) -> list[Any]:
     """Every registered version released for ``batch_id`` alone (any parent), oldest first."""
     found = client.search_model_versions(f"name = '{name}'")

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import datastore, release
+from . import datastore, escalation, release
 from .adopt import read_base, rebuild_adopted
 from .params import ParamsError, PipelineParams, load_params
 from .paths import OFFLINE_ENV, Paths
@@ -350,8 +350,15 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
                     rebuilt = release.pretrain_model(load, out / "model.pt")["weights_sha256"]
                 else:
                     anchor = registry.fetch_version(paths, client, name, parent)
-                    rebuilt = release.rebuild_release(paths, load, anchor, batches,
-                                                      covered(parent), out)["weights_sha256"]
+                    attempt = escalation.attempt_of(load, tags)  # the policy's entry it used
+                    if attempt.exact:
+                        rebuilt = escalation.retrain_exact(
+                            paths, load, anchor, covered(parent) + batches,
+                            out / "model.pt")["weights_sha256"]
+                    else:
+                        rebuilt = release.rebuild_release(
+                            paths, escalation.attempt_params(load, attempt), anchor, batches,
+                            covered(parent), out)["weights_sha256"]
             except (CheckpointError, registry.RegistryError) as e:
                 findings.append(f"cannot rebuild from version {parent}: {e}")
             match = rebuilt == recorded

@@ -78,6 +78,9 @@ def test_a_failing_release_is_escalated_in_the_same_run(tmp_path, monkeypatch, w
     rc, out, _ = cli("audit", "e-101")
     assert rc == 0 and "attempt 1: version 2 (l2ul" in out and "FAILED" in out
 
+    rc, out, err = cli("verify", "3")  # rebuilt with the policy's entry it was released by
+    assert rc == 0 and "reproduced" in out, out + err
+
     # the guard still refuses versions without the deletion, the failed attempt included
     assert cli("rollback", "--to", "1")[0] == 1
     assert cli("promote", "2")[0] == 1
@@ -125,6 +128,8 @@ def test_an_open_obligation_is_listed_and_retried_exactly(tmp_path, monkeypatch,
     rc, audit = cli_json("audit", "m-111")  # holds: the champion never trained on the row
     assert rc == 0 and audit["requests"][0]["status"] == "done (exact)", audit
     assert [a["method"] for a in audit["requests"][0]["attempts"]] == ["l2ul", "retrain-exact"]
+    rc, out, err = cli("verify", "3")  # the exact retrain rebuilds bit for bit
+    assert rc == 0 and "reproduced" in out, out + err
     assert cli("rollback", "--to", "1")[0] == 1  # the guard: v1 predates the deletion
     assert cli("retry", batch_id)[0] == 2  # done: nothing to retry
 
