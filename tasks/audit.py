@@ -225,8 +225,9 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
                     # released by exact retraining: a model never trained on the row may
                     # still predict it correctly; its influence is gone (tasks/escalation.py)
                     rec["live"] = {**rec["live"], "holds": True, "exact": True,
-                                   "rule": rec["live"]["rule"] + "; done (exact): released by "
-                                   "retrain-exact, never trained on this row"}
+                                   "rule": "done (exact): the champion descends from an exact "
+                                   "retrain that never saw this row; its own rule ("
+                                   + rec["live"]["rule"] + ") is not required"}
         elif b.version is not None:  # rejected after unlearning: the version is kept for audit
             rec["kept_version"] = b.version
         records.append(rec)
