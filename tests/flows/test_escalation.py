@@ -154,3 +154,23 @@ def test_a_bad_policy_is_exit_2(home):
     home.params_file.write_text(text.replace("fallback: []", "fallback: [{method: nope}]"))
     rc, _, err = cli("requests")
     assert rc == 2 and "fallback[0].method" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_plan_follows_the_policy():
+    from tasks.escalation import Attempt, attempt_of, plan
+
+    cfg = parse_params({"unlearn": {"params": {"max_steps": 5}, "fallback": [
+        {"method": "l2ul", "params": {"max_steps": 5}},  # the primary again: not twice
+        {"method": "l2ul", "params": {"max_steps": 50}, "objectives": ["relabel"]},
+        {"method": "retrain-exact"}]}})
+    primary = Attempt("l2ul", {"max_steps": 5})
+    assert plan(cfg, {"misclassify"}) == [primary, Attempt("retrain-exact")]
+    assert plan(cfg, {"relabel"}) == [primary, Attempt("l2ul", {"max_steps": 50}),
+                                      Attempt("retrain-exact")]
+    assert plan(cfg, {"relabel", "misclassify"}) == [primary, Attempt("retrain-exact")]
+    assert plan(cfg, {"misclassify"}, "retrain-exact") == [Attempt("retrain-exact")]
+    assert plan(cfg, {"misclassify"}, "neggrad") == [Attempt("neggrad")]
+    assert attempt_of(cfg, {"method": "l2ul", "method_params": '{"max_steps": 50}'}) == \
+        Attempt("l2ul", {"max_steps": 50})
+    assert attempt_of(cfg, {"method": "l2ul"}) == primary  # from before escalation
+    assert attempt_of(cfg, {"method": "retrain-exact", "exact": "true"}).exact
