@@ -7,7 +7,9 @@ Status of a request, from its batch in the ledger:
   gates (the batch is ``rejected`` with a ``gates: ...`` reason). An open request has an age,
   the time since it was submitted; ``unlearn retry BATCH`` re-queues it;
 * ``invalid``: the batch was rejected at validation (bad input, the rule named in its
-  reason): nothing to honour until a corrected manifest is submitted.
+  reason): nothing to honour until a corrected manifest is submitted;
+* ``resubmitted (BATCH)``: its batch's release failed, and the instance was submitted again
+  in BATCH, which carries the obligation now.
 """
 
 from __future__ import annotations
@@ -43,10 +45,17 @@ def listing(ledger: Ledger, now: float | None = None,
     batches = {b.batch_id: b for b in ledger.batches()}
     out_batches = [{**b.to_dict(), "status": status_of(b), "attempts": attempts_of(b)}
                    for b in batches.values()]
+    # a failed batch whose instances were all submitted again: that batch carries them now
+    claimed: dict[int, str] = {}
+    for r in ledger.requests():
+        if batches[r["batch_id"]].state in ("pending", "done") and r["instance_id"] is not None:
+            claimed[int(r["instance_id"])] = r["batch_id"]
     requests = []
     for r in ledger.requests():
         b = batches[r["batch_id"]]
         status = status_of(b)
+        if status == "open" and b.state == "rejected" and r["instance_id"] in claimed:
+            status = f"resubmitted ({claimed[r['instance_id']]})"
         age = (now - b.submitted) / DAY
         requests.append({**r, "status": status,
                          "submitted": datetime.fromtimestamp(b.submitted, UTC).isoformat(

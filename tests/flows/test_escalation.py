@@ -133,6 +133,20 @@ def test_an_open_obligation_is_listed_and_retried_exactly(tmp_path, monkeypatch,
     assert cli("rollback", "--to", "1")[0] == 1  # the guard: v1 predates the deletion
     assert cli("retry", batch_id)[0] == 2  # done: nothing to retry
 
+    # a failed batch whose instances are submitted again: the new batch carries them
+    assert cli("submit", str(_manifest(root, [333], tag="n")))[0] == 0
+    rc, run = cli_json("run")
+    assert rc == 1 and run["batches"][0]["state"] == "rejected"
+    failed_id = run["batches"][0]["batch_id"]
+    rc, out, _ = cli("submit", str(_manifest(root, [333], tag="again")))
+    assert rc == 0, out
+    rc, listing = cli_json("requests")
+    statuses = {r["request_id"]: r["status"] for r in listing["requests"]}
+    assert statuses["n-333"].startswith("resubmitted (") and statuses["again-333"] == "open"
+    assert [o["request_id"] for o in listing["open"]] == ["again-333"]
+    rc, _, err = cli("retry", failed_id)
+    assert rc == 2 and "submitted again" in err
+
 
 @pytest.mark.parametrize("fallback, message", [
     ([{"method": "nope"}], "fallback[0].method: unknown method 'nope'"),
