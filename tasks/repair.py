@@ -430,7 +430,7 @@ def repair(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
             with contextlib.suppress(LedgerError):  # a damaged ledger: rebuilt below
                 finish_interrupted_submits(paths, cfg)
         with file_lock(paths.artifacts / "submit.lock"):
-            before = check_state(paths, cfg, served=True, heal=False)
+            before = check_state(paths, cfg, served=True, heal=False, thorough=True)
             result: dict[str, Any] = {
                 "status": "ok", "restored": [], "lost": [],
                 "problems_before": [p.to_dict() for p in before.problems],
@@ -461,7 +461,7 @@ def repair(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
                                     "(`dvc add data`)")
                 except DataTrackingError as e:
                     lost.append(f"data.dvc not updated: {e}")
-            after = check_state(paths, cfg, served=True, heal=False)
+            after = check_state(paths, cfg, served=True, heal=False, thorough=True)
     result.update(restored=restored, lost=lost,
                   problems_after=[p.to_dict() for p in after.problems])
     if not after.ok:

@@ -398,13 +398,23 @@ def manifest_rows(path: Path) -> list[tuple]:
     return [tuple(r[k] for k in ROW_FIELDS) for r in read_rows(path)]
 
 
-def _data_problems(paths: Paths, stores: Stores, skip: set[str]) -> list[Problem]:
+def _data_problems(paths: Paths, stores: Stores, skip: set[str],
+                   thorough: bool) -> list[Problem]:
+    """Every accepted manifest must be there; the pending ones and the latest done one (all
+    of them when ``thorough``) must hold the ledger's requests, row for row. (``unlearn
+    verify`` compares every manifest a release used with its DVC data revision.)"""
     from .submit import manifest_problem
 
     out = []
+    done = stores.done()
+    latest = done[-1].batch_id if done else None
     for b in sorted(stores.batches.values(), key=lambda b: b.seq):
         if b.state not in ("pending", "done") or b.batch_id in skip:
             continue
+        path = paths.manifest(b.batch_id)
+        if not thorough and b.state == "done" and b.batch_id != latest and path.is_file() \
+                and not path.is_symlink():
+            continue  # there; its content is compared by repair and verify
         problem = manifest_problem(paths, b)
         if problem is None:
             want = stores.requests.get(b.batch_id, [])
@@ -463,7 +473,7 @@ def served_problem(stores: Stores, cfg: PipelineParams) -> Problem | None:
 
 
 def find_problems(paths: Paths, cfg: PipelineParams, stores: Stores,
-                  served: bool = False) -> list[Problem]:
+                  served: bool = False, thorough: bool = False) -> list[Problem]:
     problems = _store_problems(paths, cfg, stores)
     if stores.ledger == "ok":
         named: set[str] = set()
@@ -473,7 +483,7 @@ def find_problems(paths: Paths, cfg: PipelineParams, stores: Stores,
         problems += _ledger_vs_data(stores, named)
         if stores.registry == "ok":
             problems += _champion_problems(stores)
-        problems += _data_problems(paths, stores, short_batches(stores))
+        problems += _data_problems(paths, stores, short_batches(stores), thorough)
     if served and not problems:
         found = served_problem(stores, cfg)
         if found is not None:
@@ -482,11 +492,13 @@ def find_problems(paths: Paths, cfg: PipelineParams, stores: Stores,
 
 
 def check_state(paths: Paths, cfg: PipelineParams, served: bool = False,
-                heal: bool = True) -> Report:
+                heal: bool = True, thorough: bool = False) -> Report:
     """Read the three records and list what disagrees (``Report.line``: one line).
 
     ``served``: also check the champion's logged model against its recorded fingerprint (a
-    download). ``heal``: first finish a submit that was killed after the ledger accepted its
+    download). ``thorough``: compare every accepted manifest with the ledger's requests (by
+    default only the pending ones and the latest done one are read: counts, names and the
+    latest batch keep the check cheap on a long history). ``heal``: first finish a submit that was killed after the ledger accepted its
     batch (its manifest is moved into data/deletions/)."""
     if heal and paths.ledger.exists() and paths.ledger.stat().st_size > 0:
         from .submit import finish_interrupted_submits
@@ -494,7 +506,8 @@ def check_state(paths: Paths, cfg: PipelineParams, served: bool = False,
         with contextlib.suppress(LedgerError):  # reported below
             finish_interrupted_submits(paths, cfg)
     stores = read_stores(paths, cfg)
-    return Report(stores, find_problems(paths, cfg, stores, served=served))
+    return Report(stores, find_problems(paths, cfg, stores, served=served,
+                                        thorough=thorough))
 
 
 def new_base_refusal(paths: Paths, cfg: PipelineParams, what: str) -> str | None:
