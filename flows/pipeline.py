@@ -390,7 +390,9 @@ def _apply_batch(paths: Paths, cfg: PipelineParams, client, batch_id: str,
             break
     last = tried[-1]
     version, metrics, gates = last["version"], last["metrics"], last["gates"]
-    report = {"gates": gates, "escalation": prior + [_attempt_record(t) for t in tried],
+    again = {t["version"] for t in tried}  # a re-queued batch may reuse an attempt
+    report = {"gates": gates, "escalation": [p for p in prior if p["version"] not in again]
+              + [_attempt_record(t) for t in tried],
               "exact": bool(gates["passed"] and last["exact"])}
     if gates["passed"]:
         promote_model(paths, cfg, version)

@@ -57,14 +57,16 @@ def listing(ledger: Ledger, now: float | None = None,
         if status == "open" and b.state == "rejected" and r["instance_id"] in claimed:
             status = f"resubmitted ({claimed[r['instance_id']]})"
         age = (now - b.submitted) / DAY
-        requests.append({**r, "status": status,
+        requests.append({**r, "status": status, "_age": age,
                          "submitted": datetime.fromtimestamp(b.submitted, UTC).isoformat(
                              timespec="seconds"),
-                         "age_days": round(age, 4) if status == "open" else None,
+                         "age_days": round(age, 6) if status == "open" else None,
                          "open_because": (None if status != "open" else
                                           "pending" if b.state == "pending" else
                                           "every release attempt failed its gates")})
     open_ = [r for r in requests if r["status"] == "open"
-             and (overdue_days is None or r["age_days"] > overdue_days)]
-    open_.sort(key=lambda r: -r["age_days"])
+             and (overdue_days is None or r["_age"] > overdue_days)]
+    open_.sort(key=lambda r: -r["_age"])
+    for r in requests:
+        del r["_age"]
     return {"batches": out_batches, "requests": requests, "open": open_}

@@ -114,6 +114,12 @@ def test_an_open_obligation_is_listed_and_retried_exactly(tmp_path, monkeypatch,
     assert cli("retry", "no-such-batch")[0] == 2
     assert cli("retry", batch_id, "--method", "nope")[0] == 2
 
+    rc, out, err = cli("retry", batch_id)  # back in the queue
+    assert rc == 0 and "pending again" in out, out + err
+    assert cli("retry", batch_id)[0] == 2  # pending already
+    rc, run = cli_json("run")  # same champion, same params: the same attempt, reused
+    assert rc == 1 and run["batches"][0]["version"] == 2 and run["batches"][0]["resumed"]
+
     rc, retried = cli_json("retry", batch_id, "--method", "retrain-exact")
     assert rc == 0, retried
     [batch] = retried["batches"]
@@ -127,7 +133,8 @@ def test_an_open_obligation_is_listed_and_retried_exactly(tmp_path, monkeypatch,
     assert statuses["m-111"] == "done (exact)" and listing["open"] == []
     rc, audit = cli_json("audit", "m-111")  # holds: the champion never trained on the row
     assert rc == 0 and audit["requests"][0]["status"] == "done (exact)", audit
-    assert [a["method"] for a in audit["requests"][0]["attempts"]] == ["l2ul", "retrain-exact"]
+    assert [(a["version"], a["method"]) for a in audit["requests"][0]["attempts"]] == \
+        [(2, "l2ul"), (3, "retrain-exact")]  # the re-queued run reused version 2
     rc, out, err = cli("verify", "3")  # the exact retrain rebuilds bit for bit
     assert rc == 0 and "reproduced" in out, out + err
     assert cli("rollback", "--to", "1")[0] == 1  # the guard: v1 predates the deletion
