@@ -108,7 +108,7 @@ def digits_model():
     """
     import torch
 
-    from unlearning.data import load_dataset
+    from unlearning.datasets import load_dataset
     from unlearning.train import TrainConfig, pretrain
 
     torch.set_num_threads(1)  # small models run fastest on one thread, and timings stay sane
