@@ -40,7 +40,7 @@ def attempts_of(batch: Batch) -> list[dict[str, Any]]:
 def listing(ledger: Ledger, now: float | None = None,
             overdue_days: float | None = None) -> dict[str, Any]:
     """``{"batches", "requests", "open"}``: every batch and request with its status, and the
-    open obligations (older than ``overdue_days``, when given), oldest first."""
+    open obligations (at least ``overdue_days`` old, when given), oldest first."""
     now = time.time() if now is None else now
     batches = {b.batch_id: b for b in ledger.batches()}
     out_batches = [{**b.to_dict(), "status": status_of(b), "attempts": attempts_of(b)}
@@ -65,7 +65,7 @@ def listing(ledger: Ledger, now: float | None = None,
                                           "pending" if b.state == "pending" else
                                           "every release attempt failed its gates")})
     open_ = [r for r in requests if r["status"] == "open"
-             and (overdue_days is None or r["_age"] > overdue_days)]
+             and (overdue_days is None or r["_age"] >= overdue_days)]
     open_.sort(key=lambda r: -r["_age"])
     for r in requests:
         del r["_age"]

@@ -92,7 +92,8 @@ def test_report_of_a_release(state, tmp_path):
         assert f">{r['instance_id']}<" in text and r["request_id"] in text
     assert page.rows["per-class"] == 1 + 10
     assert page.rows["adversarial"] == 1 + 4
-    assert page.rows["gates"] == 1 + 4
+    # objective, held-out drop vs the parent, drop since the base, earlier deletions, finite
+    assert page.rows["gates"] == 1 + 5
     assert "parent_version" in text and "weights_sha256" in text
     # figures: per-class bars and the MIA distributions; thumbnails for instances and PGD
     assert len(page.images) >= 2 + len(rows) + 3 * 4
