@@ -7,7 +7,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: help setup demo test test-fast test-unit test-data test-model test-flows test-ui bench lint clean
+.PHONY: help setup demo test test-fast test-unit test-data test-model test-flows test-ui test-services bench lint clean stack-up stack-down stack-status
 help:  ## list the targets
 	@grep -E '^[a-z][a-z -]*:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -34,12 +34,23 @@ test: setup  ## the whole suite CI runs: slow, browser and real-server tests inc
 test-fast: setup  ## the quick loop: slow tests excluded (-m "not slow")
 	$(PYTEST) -m "not slow" --durations=15 $(ARGS)
 
-test-unit test-data test-model test-flows test-ui: test-%: setup  ## one tier: tests/<tier>, slow included
+test-unit test-data test-model test-flows test-ui test-services: test-%: setup  ## one tier: tests/<tier>, slow included
 	$(PYTEST) tests/$* --no-skips --durations=15 $(ARGS)
 
 lint: setup  ## ruff and mypy
 	$(BIN)/ruff check unlearning tasks flows tests
 	$(BIN)/mypy
+
+# The services on loopback (PostgreSQL, an S3 endpoint, `mlflow server`, `prefect server
+# start`): `make stack-up`, then `. .stack.env` points every unlearn command at them.
+stack-up: setup  ## start the service stack on 127.0.0.1; writes .stack.env (README: Scaling out)
+	$(BIN)/python stack/stack.py up
+
+stack-down:  ## stop the service stack; nothing it started keeps running
+	$(BIN)/python stack/stack.py down
+
+stack-status:  ## which of the stack's services run
+	$(BIN)/python stack/stack.py status
 
 clean:  ## remove local state (registry, ledger, artifacts); keeps .venv
 	rm -rf artifacts mlruns/mlflow.db mlruns/artifacts .prefect data/deletions data/dataset data/releases.json

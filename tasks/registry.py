@@ -65,9 +65,12 @@ def connect(paths: Paths, cfg: PipelineParams):
     if mlflow.get_experiment_by_name(cfg.registry.experiment) is None:
         from mlflow.exceptions import MlflowException
 
+        # a tracking server (http) keeps the artifacts where it was told to (its
+        # --artifacts-destination, served over HTTP); a local store keeps them in mlruns/
+        served = uri.split(":", 1)[0].lower() in ("http", "https")
         try:
             mlflow.create_experiment(cfg.registry.experiment,
-                                     artifact_location=paths.artifact_root)
+                                     artifact_location=None if served else paths.artifact_root)
         except MlflowException as e:  # another process created it first: use theirs
             if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
