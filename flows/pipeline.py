@@ -27,9 +27,10 @@ from tasks.faults import fault
 from tasks.gates import check_base_gates
 from tasks.ledger import Ledger
 from tasks.lineage import LineageError, guard, missing_reason, previous_champion, reconcile
-from tasks.locks import file_lock, lock_holder
+from tasks.locks import pipeline_lock, pipeline_lock_holder
 from tasks.params import PipelineParams, load_params
 from tasks.paths import Paths, find_home
+from tasks.release import manifest_problem
 from tasks.state_check import check_state, new_base_refusal
 from tasks.steps import (
     adopt_model,
@@ -48,7 +49,6 @@ from tasks.steps import (
     train_model,
     validate_forget_set,
 )
-from tasks.submit import manifest_problem
 
 
 class PipelineError(RuntimeError):
@@ -87,10 +87,8 @@ def _damaged(paths: Paths, cfg: PipelineParams) -> dict[str, Any] | None:
 
 
 def _busy(paths: Paths) -> dict[str, Any]:
-    pid = lock_holder(paths.lock)
-    who = f"process {pid}" if pid else "another process"
     return {"status": "failed", "busy": True,
-            "reason": f"another pipeline command is running ({who} holds {paths.lock}); "
+            "reason": f"another pipeline command is running ({pipeline_lock_holder(paths)}); "
                       "nothing was changed: try again when it has finished"}
 
 
@@ -105,7 +103,7 @@ def pretrain_flow(home: str | None = None, dataset: str | None = None, arch: str
     if dataset:
         cfg = cfg.with_overrides("dataset", name=dataset)
     cfg = cfg.with_overrides("pretrain", arch=arch, epochs=epochs, seed=seed)
-    with file_lock(paths.lock, wait=False) as got:
+    with pipeline_lock(paths, wait=False) as got:
         if not got:
             return _busy(paths)
         why = new_base_refusal(paths, cfg, "pretrain")  # never a base holding deleted data
@@ -171,7 +169,7 @@ def adopt_flow(request: dict[str, Any], home: str | None = None) -> dict[str, An
     with nothing registered.
     """
     paths, cfg = setup(home)
-    with file_lock(paths.lock, wait=False) as got:
+    with pipeline_lock(paths, wait=False) as got:
         if not got:
             return _busy(paths)
         why = new_base_refusal(paths, cfg, "adopt")
@@ -485,7 +483,7 @@ def process_deletions_flow(home: str | None = None) -> dict[str, Any]:
     """Apply every pending batch in submission order, each from the current champion."""
     paths, cfg = setup(home)
     logger = get_run_logger()
-    with file_lock(paths.lock, wait=False) as got:
+    with pipeline_lock(paths, wait=False) as got:
         if not got:
             return _busy(paths)
         fault("after:lock")
@@ -556,7 +554,7 @@ def retry_flow(batch_id: str, method: str | None = None,
     applies it with the whole escalation policy); with ``method``, apply it now with that
     method alone, from the current champion."""
     paths, cfg = setup(home)
-    with file_lock(paths.lock, wait=False) as got:
+    with pipeline_lock(paths, wait=False) as got:
         if not got:
             return _busy(paths)
         if (damaged := _damaged(paths, cfg)) is not None:
@@ -604,7 +602,7 @@ def _set_champion(paths: Paths, cfg: PipelineParams, version: int, action: str,
 def promote_flow(version: int, home: str | None = None) -> dict[str, Any]:
     """Make ``version`` the champion, if it passed its gates and holds every deletion."""
     paths, cfg = setup(home)
-    with file_lock(paths.lock, wait=False) as got:
+    with pipeline_lock(paths, wait=False) as got:
         if not got:
             return _busy(paths)
         if (damaged := _damaged(paths, cfg)) is not None:
@@ -727,7 +725,7 @@ def rollback_flow(to: int | None = None, reapply: bool = False,
     batches are replayed onto ``to`` and the result, if it passes the gates, becomes champion.
     """
     paths, cfg = setup(home)
-    with file_lock(paths.lock, wait=False) as got:
+    with pipeline_lock(paths, wait=False) as got:
         if not got:
             return _busy(paths)
         if (damaged := _damaged(paths, cfg)) is not None:

@@ -19,7 +19,7 @@ import datetime as dt
 from typing import Any
 
 from . import registry
-from .ledger import Ledger
+from .ledger import Ledger, ledger_present
 from .params import PipelineParams
 from .paths import Paths
 
@@ -151,7 +151,7 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
     done request's objective no longer holds in the current champion.
     """
     shown = repr(ident if len(ident) <= 60 else ident[:60] + "…")  # one readable line
-    if not paths.ledger.exists():
+    if not ledger_present(paths.ledger):
         raise AuditError(f"no request {shown}: no deletion requests in {paths.home} yet")
     with Ledger(paths.ledger) as ledger:
         found = find_requests(ledger, ident)

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -26,6 +27,12 @@ from pydantic_core import PydanticCustomError
 
 class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the key."""
+
+
+def _checks_registries(info: ValidationInfo) -> bool:
+    """Whether names and parameters are checked against the dataset, architecture and method
+    registries. Listings skip it: they run none of them, and the registries import torch."""
+    return not info.context or info.context.get("check_registries", True)
 
 
 class _Section(BaseModel):
@@ -44,7 +51,9 @@ class DatasetParams(_Section):
 
     @field_validator("name")
     @classmethod
-    def _known(cls, name: str) -> str:
+    def _known(cls, name: str, info: ValidationInfo) -> str:
+        if not _checks_registries(info):
+            return name
         from unlearning.datasets import list_datasets
 
         if name not in list_datasets():
@@ -72,7 +81,9 @@ class PretrainParams(_Section):
 
     @field_validator("arch")
     @classmethod
-    def _known(cls, arch: str) -> str:
+    def _known(cls, arch: str, info: ValidationInfo) -> str:
+        if not _checks_registries(info):
+            return arch
         from unlearning.models import arch_kind
 
         arch_kind(arch)  # a malformed name is an error here; pretraining builds (imports) it
@@ -141,7 +152,9 @@ class UnlearnParams(_Section):
     fallback: list[FallbackEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _method_params(self) -> UnlearnParams:
+    def _method_params(self, info: ValidationInfo) -> UnlearnParams:
+        if not _checks_registries(info):
+            return self
         from unlearning.methods import MethodConfigError, make_config
 
         try:
@@ -207,10 +220,12 @@ class RuntimeParams(_Section):
 
 
 class PipelineParams(_Section):
-    dataset: DatasetParams = DatasetParams()
-    pretrain: PretrainParams = PretrainParams()
+    # factories, not instances: building these defaults checks names against the registries,
+    # which import torch, and a listing that loads params.yaml must not pay for that
+    dataset: DatasetParams = Field(default_factory=DatasetParams)
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
     validation: ValidationParams = ValidationParams()
-    unlearn: UnlearnParams = UnlearnParams()
+    unlearn: UnlearnParams = Field(default_factory=UnlearnParams)
     evaluate: EvaluateParams = EvaluateParams()
     gates: GatesParams = GatesParams()
     registry: RegistryParams = RegistryParams()
@@ -258,19 +273,24 @@ def _describe(e: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
-def parse_params(data: Any, source: str = "params") -> PipelineParams:
+def parse_params(data: Any, source: str = "params",
+                 check_registries: bool = True) -> PipelineParams:
+    """Validate a params mapping. ``check_registries=False`` leaves the dataset name, the
+    architecture and the methods' own parameters unchecked (their registries import torch),
+    for commands that only read the state."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     try:
-        return PipelineParams.model_validate(data)
+        return PipelineParams.model_validate(data, context={"check_registries": check_registries})
     except ValidationError as e:
         raise ParamsError(_describe(e, source)) from None
 
 
-def load_params(path: str | Path) -> PipelineParams:
-    """Read and validate a params file; raise ParamsError with a one-line reason."""
+def load_params(path: str | Path, check_registries: bool = True) -> PipelineParams:
+    """Read and validate a params file; raise ParamsError with a one-line reason.
+    ``check_registries=False``: see ``parse_params``."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -282,4 +302,4 @@ def load_params(path: str | Path) -> PipelineParams:
         raise ParamsError(f"{path} is not readable YAML text ({e.__class__.__name__})") from None
     if data is None:  # an empty (or truncated) file must not silently mean "all defaults"
         raise ParamsError(f"{path} is empty: expected one mapping per step (see params.yaml)")
-    return parse_params(data, source=str(path))
+    return parse_params(data, source=str(path), check_registries=check_registries)

@@ -63,6 +63,11 @@ class Paths:
         return self.home / "artifacts"
 
     @property
+    def incoming(self) -> Path:
+        """Accepted manifests waiting for the ledger's record (``tasks.submit``)."""
+        return self.artifacts / "incoming"
+
+    @property
     def ledger(self) -> Path:
         return self.artifacts / "ledger.db"
 

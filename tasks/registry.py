@@ -14,6 +14,7 @@ Each release version carries two copies of the same weights:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -124,6 +125,52 @@ def list_versions(client, name: str) -> list[dict[str, Any]]:
                   key=lambda d: d["version"])
 
 
+def read_versions(paths: Paths, cfg: PipelineParams) -> list[dict[str, Any]]:
+    """``list_versions`` for a listing: from a snapshot while the local registry database is
+    unchanged since the snapshot was taken, else from MLflow (and a new snapshot).
+
+    Importing MLflow and opening its SQL store costs seconds on a small machine; the snapshot
+    is keyed by the database files' size, mtime and inode, taken before the read, so any
+    write to the registry (by this pipeline, the MLflow UI or a client) invalidates it. A
+    remote tracking server is always asked."""
+    db = paths.mlruns / "mlflow.db" if paths.tracking_uri == paths.default_tracking_uri \
+        else None
+    name = cfg.registry.model_name
+    if db is None or not db.exists():
+        return list_versions(connect(paths, cfg), name)
+    snapshot = paths.artifacts / "registry-snapshot.json"
+    try:
+        cached = json.loads(snapshot.read_text())
+        if cached["model"] == name and cached["stamp"] == _stamp(db):
+            return cached["versions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: read the registry
+    client = connect(paths, cfg)  # (may create the experiment: a write, before the stamp)
+    stamp = _stamp(db)
+    versions = list_versions(client, name)
+    try:
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        tmp = snapshot.with_name(f".{snapshot.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"model": name, "stamp": stamp, "versions": versions}))
+        tmp.replace(snapshot)
+    except OSError:
+        pass  # a read-only state folder still lists, only slower
+    return versions
+
+
+def _stamp(db: Path) -> list[list[int] | None]:
+    """What changes whenever SQLite writes the database (its journal files included)."""
+    out: list[list[int] | None] = []
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-journal")):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            out.append(None)
+            continue
+        out.append([st.st_size, st.st_mtime_ns, st.st_ino])
+    return out
+
+
 def fetch_version(paths: Paths, client, name: str, version: int) -> dict[str, Any]:
     """Download a version's weights-only checkpoint and verify it against weights_sha256."""
     from unlearning.models import CheckpointError, load_checkpoint
@@ -162,7 +209,6 @@ def register_release(
     Returns the new version number. The version carries ``tags`` (lineage, gates_passed) and
     the numeric metrics as tags too, so ``releases`` reads one object per version.
     """
-    import json
 
     import mlflow
     import mlflow.pytorch

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .faults import fault
+from .ledger import Batch
 from .params import PipelineParams
 from .paths import PACKAGE_ROOT, Paths
 
@@ -67,6 +68,38 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                  "objective": r["objective"],
                  "new_label": int(r["new_label"]) if r["new_label"] else None}
                 for r in csv.DictReader(f)]
+
+
+def manifest_problem(paths: Paths, batch: Batch) -> str | None:
+    """Why the accepted manifest of a pending (or done) batch cannot be applied (None if it
+    can): it is missing, a link out of the state folder, not a file, or not the file that was
+    accepted."""
+    path = paths.manifest(batch.batch_id)
+    rel = path.relative_to(paths.home)
+    fix = ("restore data/ with `dvc checkout data` (data.dvc records every accepted manifest) "
+           "or run `unlearn repair`")
+    head = f"the manifest of {batch.state} batch {batch.batch_id} ({rel})"
+    if not path.exists():
+        return f"{head} is missing{' (a dangling link)' if path.is_symlink() else ''}: {fix}"
+    real = path.resolve()
+    if not real.is_relative_to(paths.home.resolve()):
+        return f"{head} leads out of {paths.home} (to {real}); refusing to read it: {fix}"
+    if not real.is_file():
+        return f"{head} is not a regular file: {fix}"
+    expected = (batch.report or {}).get("manifest_sha256")
+    try:
+        if expected:
+            found = hashlib.sha256(real.read_bytes()).hexdigest()
+            if found != expected:
+                return (f"{head} changed since it was accepted (sha256 {found[:12]}, recorded "
+                        f"{expected[:12]}): {fix}")
+        else:  # accepted before digests were recorded: it must at least still parse
+            read_rows(real)
+    except OSError as e:
+        return f"{head} cannot be read ({e.strerror}): {fix}"
+    except (ValueError, KeyError, TypeError, csv.Error):
+        return f"{head} is not a manifest any more: {fix}"
+    return None
 
 
 def check_keys(dataset, rows: list[dict[str, Any]]) -> None:

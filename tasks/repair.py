@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .ledger import Ledger, LedgerError
-from .locks import file_lock, lock_holder
+from .ledger import Ledger, LedgerError, ledger_present, ledger_url
+from .locks import file_lock, pipeline_lock, pipeline_lock_holder
 from .params import PipelineParams
 from .paths import Paths
 from .state_check import (
@@ -246,8 +246,8 @@ def _validation_report_time(paths: Paths, batch_id: str) -> float | None:
 
 
 def _set_aside(paths: Paths) -> str | None:
-    """Move a damaged or empty ledger out of the way (kept for inspection)."""
-    if not paths.ledger.exists():
+    """Move a damaged or empty ledger file out of the way (kept for inspection)."""
+    if ledger_url() is not None or not paths.ledger.exists():
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = paths.ledger.with_name(f"{paths.ledger.name}.damaged-{stamp}")
@@ -419,14 +419,13 @@ def repair(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
     busy."""
     from .submit import finish_interrupted_submits
 
-    with file_lock(paths.lock, wait=False) as got:
+    with pipeline_lock(paths, wait=False) as got:
         if not got:
-            pid = lock_holder(paths.lock)
             return {"status": "failed", "busy": True, "restored": [],
-                    "reason": f"another pipeline command is running (process {pid} holds "
-                              f"{paths.lock}); nothing was changed: try again when it has "
-                              "finished"}
-        if paths.ledger.exists() and paths.ledger.stat().st_size > 0:
+                    "reason": f"another pipeline command is running "
+                              f"({pipeline_lock_holder(paths)}); nothing was changed: try "
+                              "again when it has finished"}
+        if ledger_present(paths.ledger):
             with contextlib.suppress(LedgerError):  # a damaged ledger: rebuilt below
                 finish_interrupted_submits(paths, cfg)
         with file_lock(paths.artifacts / "submit.lock"):
@@ -452,7 +451,7 @@ def repair(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
                 restored += restore_tags(paths, cfg, stores)
                 stores = read_stores(paths, cfg)
                 restored += restore_champion(paths, cfg, stores)
-            if paths.ledger.exists():
+            if ledger_present(paths.ledger):
                 from .datastore import DataTrackingError, track
 
                 try:

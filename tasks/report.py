@@ -151,7 +151,7 @@ def collect_report(paths: Paths, cfg: PipelineParams, version: int, *,
     """
     import torch
 
-    from .ledger import Ledger
+    from .ledger import Ledger, ledger_present
     from .release import build_forget_set, dataset_of
 
     total = 6
@@ -174,7 +174,7 @@ def collect_report(paths: Paths, cfg: PipelineParams, version: int, *,
 
     earlier_batches: list[str] = []
     promotions: list[dict[str, Any]] = []
-    if paths.ledger.exists():
+    if ledger_present(paths.ledger):
         with Ledger(paths.ledger) as ledger:
             if parent_version is not None:
                 earlier_batches = ledger.covered_batches(parent_version)

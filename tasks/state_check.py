@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .ledger import Batch, Ledger, LedgerError
+from .ledger import Batch, Ledger, LedgerError, ledger_present, ledger_url
 from .params import PipelineParams
 from .paths import Paths
 
@@ -151,10 +151,14 @@ def registry_db(paths: Paths) -> Path | None:
 
 def read_ledger(paths: Paths, stores: Stores) -> None:
     path = paths.ledger
-    if not path.exists():
+    if ledger_url() is not None:  # PostgreSQL: missing until its tables exist
+        if not ledger_present(path):
+            stores.ledger = "missing"
+            return
+    elif not path.exists():
         stores.ledger = "missing"
         return
-    if path.stat().st_size == 0:
+    elif path.stat().st_size == 0:
         stores.ledger = "empty"
         return
     try:
@@ -172,16 +176,23 @@ def read_ledger(paths: Paths, stores: Stores) -> None:
         stores.ledger = "empty"
 
 
-def read_registry(paths: Paths, cfg: PipelineParams, stores: Stores) -> None:
+def read_registry(paths: Paths, cfg: PipelineParams, stores: Stores,
+                  snapshot: bool = False) -> None:
+    """``snapshot``: a listing may read the registry's snapshot (``registry.read_versions``);
+    it then has no client (``stores.client`` stays None: no served check, no repair)."""
     db = registry_db(paths)
     if db is not None and not db.exists():  # never let MLflow create an empty one here
         stores.registry = "missing"
         return
     from . import registry
 
+    client = None
     try:
-        client = registry.connect(paths, cfg)
-        versions = registry.list_versions(client, cfg.registry.model_name)
+        if snapshot:
+            versions = registry.read_versions(paths, cfg)
+        else:
+            client = registry.connect(paths, cfg)
+            versions = registry.list_versions(client, cfg.registry.model_name)
     except Exception as e:  # noqa: BLE001  (an unreadable store: say so, do not crash)
         stores.registry = "damaged"
         stores.registry_error = str(e).splitlines()[0] if str(e) else e.__class__.__name__
@@ -205,10 +216,10 @@ def read_data(paths: Paths, stores: Stores) -> None:
         stores.order_error = str(e)
 
 
-def read_stores(paths: Paths, cfg: PipelineParams) -> Stores:
+def read_stores(paths: Paths, cfg: PipelineParams, snapshot: bool = False) -> Stores:
     stores = Stores()
     read_ledger(paths, stores)
-    read_registry(paths, cfg, stores)
+    read_registry(paths, cfg, stores, snapshot=snapshot)
     read_data(paths, stores)
     return stores
 
@@ -403,7 +414,7 @@ def _data_problems(paths: Paths, stores: Stores, skip: set[str],
     """Every accepted manifest must be there; the pending ones and the latest done one (all
     of them when ``thorough``) must hold the ledger's requests, row for row. (``unlearn
     verify`` compares every manifest a release used with its DVC data revision.)"""
-    from .submit import manifest_problem
+    from .release import manifest_problem
 
     out = []
     done = stores.done()
@@ -492,20 +503,22 @@ def find_problems(paths: Paths, cfg: PipelineParams, stores: Stores,
 
 
 def check_state(paths: Paths, cfg: PipelineParams, served: bool = False,
-                heal: bool = True, thorough: bool = False) -> Report:
+                heal: bool = True, thorough: bool = False, snapshot: bool = False) -> Report:
     """Read the three records and list what disagrees (``Report.line``: one line).
 
     ``served``: also check the champion's logged model against its recorded fingerprint (a
     download). ``thorough``: compare every accepted manifest with the ledger's requests (by
     default only the pending ones and the latest done one are read: counts, names and the
-    latest batch keep the check cheap on a long history). ``heal``: first finish a submit that was killed after the ledger accepted its
-    batch (its manifest is moved into data/deletions/)."""
-    if heal and paths.ledger.exists() and paths.ledger.stat().st_size > 0:
+    latest batch keep the check cheap on a long history). ``heal``: first finish a submit that
+    was killed after the ledger accepted its batch (its manifest is moved into
+    data/deletions/). ``snapshot``: for listings (see ``read_registry``); not with ``served``."""
+    if heal and ledger_present(paths.ledger) \
+            and any(paths.incoming.glob("*.csv")):  # (submit imports pandas: only if needed)
         from .submit import finish_interrupted_submits
 
         with contextlib.suppress(LedgerError):  # reported below
             finish_interrupted_submits(paths, cfg)
-    stores = read_stores(paths, cfg)
+    stores = read_stores(paths, cfg, snapshot=snapshot and not served)
     return Report(stores, find_problems(paths, cfg, stores, served=served,
                                         thorough=thorough))
 

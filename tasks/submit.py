@@ -9,7 +9,6 @@ ever applied.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -18,7 +17,7 @@ from typing import Any
 
 from .datastore import DataTrackingError, track
 from .faults import fault
-from .ledger import Batch, Ledger
+from .ledger import Ledger
 from .locks import file_lock
 from .params import PipelineParams
 from .paths import Paths
@@ -31,38 +30,6 @@ from .validation import (
     typed_rows,
     validate_manifest,
 )
-
-
-def manifest_problem(paths: Paths, batch: Batch) -> str | None:
-    """Why the accepted manifest of a pending (or done) batch cannot be applied (None if it
-    can): it is missing, a link out of the state folder, not a file, or not the file that was
-    accepted."""
-    path = paths.manifest(batch.batch_id)
-    rel = path.relative_to(paths.home)
-    fix = ("restore data/ with `dvc checkout data` (data.dvc records every accepted manifest) "
-           "or run `unlearn repair`")
-    head = f"the manifest of {batch.state} batch {batch.batch_id} ({rel})"
-    if not path.exists():
-        return f"{head} is missing{' (a dangling link)' if path.is_symlink() else ''}: {fix}"
-    real = path.resolve()
-    if not real.is_relative_to(paths.home.resolve()):
-        return f"{head} leads out of {paths.home} (to {real}); refusing to read it: {fix}"
-    if not real.is_file():
-        return f"{head} is not a regular file: {fix}"
-    expected = (batch.report or {}).get("manifest_sha256")
-    try:
-        if expected:
-            found = hashlib.sha256(real.read_bytes()).hexdigest()
-            if found != expected:
-                return (f"{head} changed since it was accepted (sha256 {found[:12]}, recorded "
-                        f"{expected[:12]}): {fix}")
-        else:  # accepted before digests were recorded: it must at least still parse
-            read_rows(real)
-    except OSError as e:
-        return f"{head} cannot be read ({e.strerror}): {fix}"
-    except (ValueError, KeyError, TypeError, csv.Error):
-        return f"{head} is not a manifest any more: {fix}"
-    return None
 
 
 def validation_context(cfg: PipelineParams, ledger: Ledger, image_shape: tuple[int, int, int],
@@ -95,7 +62,7 @@ def _save_report(path: Path, batch_id: str, report: dict[str, Any]) -> None:
 
 def staging_file(paths: Paths, batch_id: str) -> Path:
     """Where an accepted manifest waits (outside DVC's data/) until the ledger records it."""
-    return paths.artifacts / "incoming" / f"{batch_id}.csv"
+    return paths.incoming / f"{batch_id}.csv"
 
 
 def next_free_seq(paths: Paths) -> int:
@@ -113,7 +80,7 @@ def _finish_staged(paths: Paths, ledger: Ledger) -> list[str]:
     lock): a batch the ledger accepted gets its manifest moved into data/deletions/; a file
     the ledger never recorded (killed before the ledger write) is removed. Returns the
     batches it completed."""
-    folder = paths.artifacts / "incoming"
+    folder = paths.incoming
     done = []
     for staged in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
         batch = ledger.batch(staged.stem)
@@ -132,7 +99,7 @@ def _finish_staged(paths: Paths, ledger: Ledger) -> list[str]:
 def finish_interrupted_submits(paths: Paths, cfg: PipelineParams | None = None) -> list[str]:
     """``_finish_staged`` for any command (a cheap listing when nothing is staged); with
     ``cfg``, a completed batch's manifest is also added to data.dvc."""
-    folder = paths.artifacts / "incoming"
+    folder = paths.incoming
     if not folder.is_dir() or not any(folder.glob("*.csv")):
         return []
     with file_lock(paths.artifacts / "submit.lock"), Ledger(paths.ledger) as ledger:

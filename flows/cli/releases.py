@@ -47,17 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_releases(args: argparse.Namespace) -> int:
-    paths, cfg = context()
+    paths, cfg = context(read_only=True)
     damaged = warn_if_damaged(paths, cfg)  # the listing still helps to see what is wrong
     from tasks import registry
-    from tasks.ledger import Ledger
+    from tasks.ledger import Ledger, ledger_present
 
     versions: list[dict[str, Any]] = []
     if paths.tracking_uri != paths.default_tracking_uri or (paths.mlruns / "mlflow.db").exists():
-        client = registry.connect(paths, cfg)
-        versions = registry.list_versions(client, cfg.registry.model_name)
+        versions = registry.read_versions(paths, cfg)
     promotions = []
-    if paths.ledger.exists() and paths.ledger.stat().st_size > 0:  # (opening writes a schema)
+    if ledger_present(paths.ledger):  # (opening writes a schema)
         with Ledger(paths.ledger) as ledger:
             promotions = ledger.promotions()
     champion = next((v["version"] for v in versions if "champion" in v["aliases"]), None)
@@ -89,13 +88,13 @@ def days(text: str) -> float:
 
 
 def cmd_requests(args: argparse.Namespace) -> int:
-    paths, cfg = context()
-    refuse_if_damaged(paths, cfg)  # a lost ledger must not read as "no requests"
-    from tasks.ledger import Ledger
+    paths, cfg = context(read_only=True)
+    refuse_if_damaged(paths, cfg, snapshot=True)  # a lost ledger must not read as "no requests"
+    from tasks.ledger import Ledger, ledger_present
     from tasks.obligations import listing
 
     found: dict[str, Any] = {"batches": [], "requests": [], "open": []}
-    if paths.ledger.exists():
+    if ledger_present(paths.ledger):
         with Ledger(paths.ledger) as ledger:
             found = listing(ledger, overdue_days=args.overdue)
     if args.json:

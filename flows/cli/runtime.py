@@ -18,8 +18,13 @@ from typing import Any
 from .errors import Failure, UsageError
 
 
-def context(check_ledger: bool = True):
-    """Resolve the state folder, prepare the environment, load params.yaml."""
+def context(check_ledger: bool = True, read_only: bool = False):
+    """Resolve the state folder, prepare the environment, load params.yaml.
+
+    ``read_only``: a listing, which runs no method, trains nothing and loads no data, so the
+    names and parameters that need the registries are left unchecked and torch is not
+    imported (an interactive command answers in about a second).
+    """
     from tasks.params import ParamsError, load_params
     from tasks.paths import Paths, configure_environment, find_home
 
@@ -27,16 +32,17 @@ def context(check_ledger: bool = True):
     configure_environment(paths)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     try:
-        cfg = load_params(paths.params_file)
+        cfg = load_params(paths.params_file, check_registries=not read_only)
     except ParamsError as e:
         raise UsageError(str(e)) from None
-    if check_ledger and paths.ledger.exists() and paths.ledger.stat().st_size > 0:
-        # a damaged ledger stops here, before a flow (an emptied one is left as it is: the
-        # state check says so; opening it would write a fresh schema into it)
-        from tasks.ledger import Ledger, LedgerError
+    if check_ledger:
+        # a damaged or unreachable ledger stops here, before a flow (an emptied one is left
+        # as it is: the state check says so; opening it would write a fresh schema into it)
+        from tasks.ledger import Ledger, LedgerError, ledger_present
 
         try:
-            Ledger(paths.ledger).close()
+            if ledger_present(paths.ledger):
+                Ledger(paths.ledger).close()
         except LedgerError as e:
             raise Failure(str(e)) from None
     return paths, cfg
@@ -130,28 +136,30 @@ def run_flow(flow_fn, **kwargs: Any) -> dict[str, Any]:
         raise Failure(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                       "(nothing half-applied: unfinished batches stay pending)") from None
 
-def refuse_if_damaged(paths, cfg, served: bool = False) -> None:
+def refuse_if_damaged(paths, cfg, served: bool = False, snapshot: bool = False) -> None:
     """Commands that would change the state (and those whose answer comes from the ledger)
     stop here, on one line, while the ledger, the registry and data/ disagree
-    (``tasks.state_check``); ``served`` also checks the champion's logged model."""
+    (``tasks.state_check``); ``served`` also checks the champion's logged model;
+    ``snapshot``: a listing may read the registry's snapshot (``registry.read_versions``)."""
     from tasks.state_check import check_state
 
-    report = check_state(paths, cfg, served=served)
+    report = check_state(paths, cfg, served=served, snapshot=snapshot)
     if report.problems:
         raise Failure(report.line)
 
-def state_problem(paths, cfg) -> str | None:
+def state_problem(paths, cfg, snapshot: bool = False) -> str | None:
     """The one line saying how the ledger, the registry and data/ disagree, or None: for
-    commands that go on regardless (``releases``, ``verify``) and exit 1 at the end."""
+    commands that go on regardless (``releases``, ``verify``) and exit 1 at the end.
+    ``snapshot``: a listing may read the registry's snapshot (``registry.read_versions``)."""
     from tasks.state_check import check_state
 
-    report = check_state(paths, cfg)
+    report = check_state(paths, cfg, snapshot=snapshot)
     return report.line if report.problems else None
 
 def warn_if_damaged(paths, cfg) -> bool:
     """``releases`` goes on after one warning line on stderr; True when the state is damaged
-    (the command then exits 1)."""
-    problem = state_problem(paths, cfg)
+    (the command then exits 1). A listing: it reads the registry's snapshot."""
+    problem = state_problem(paths, cfg, snapshot=True)
     if problem:
         print(f"warning: {problem}", file=sys.stderr, flush=True)
     return problem is not None

@@ -3,6 +3,7 @@ GX suites: the demo, releases, the consumer's view, promote, rollback and its gu
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -62,6 +63,50 @@ def test_releases_and_requests_listings(demo):
     assert all(r["version"] is not None for r in requests["requests"] if r["state"] == "done")
     rc, table, _ = cli("releases")
     assert rc == 0 and "champion" in table
+
+
+LISTING = textwrap.dedent("""
+    import json, sys
+    from flows.cli import main
+    rc = main(sys.argv[1:])
+    heavy = sorted(m for m in ("torch", "mlflow", "prefect", "great_expectations", "pandas")
+                   if m in sys.modules)
+    print(json.dumps({"rc": rc, "heavy": heavy}), file=sys.stderr)
+""")
+
+
+def _listing(*args: str) -> tuple[dict, dict]:
+    """``unlearn ARGS --json`` in a fresh interpreter: (its JSON, {rc, heavy modules})."""
+    done = subprocess.run([sys.executable, "-c", LISTING, *args, "--json"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    return json.loads(done.stdout), json.loads(done.stderr.strip().splitlines()[-1])
+
+
+def test_listings_import_no_heavy_stack_and_follow_registry_writes(demo):
+    """``releases`` and ``requests`` import neither torch nor the orchestration stack (the
+    second listing reads the registry's snapshot), yet a registry write made outside the
+    pipeline (an alias moved with a plain MLflow client) shows in the next listing."""
+    from mlflow import MlflowClient
+
+    paths = demo["paths"]
+    first, how = _listing("releases")
+    assert how["rc"] == 0 and "torch" not in how["heavy"], how
+    again, how = _listing("releases")
+    assert again == first and how == {"rc": 0, "heavy": []}, how
+    found, how = _listing("requests")
+    assert how == {"rc": 0, "heavy": []} and found["batches"], how
+    champion = first["champion"]
+    client = MlflowClient(paths.tracking_uri)
+    client.set_registered_model_alias("forget-classifier", "candidate", str(champion - 1))
+    try:
+        moved, how = _listing("releases")
+        assert how["rc"] == 0 and "mlflow" in how["heavy"], how  # the snapshot was stale
+        aliases = {v["version"]: v["aliases"] for v in moved["versions"]}
+        assert aliases[champion - 1] == ["candidate"] and moved["champion"] == champion
+    finally:
+        client.delete_registered_model_alias("forget-classifier", "candidate")
+    after, _ = _listing("releases")
+    assert after["versions"] == first["versions"]
 
 
 def test_plain_mlflow_client_loads_champion_and_predicts(demo):
