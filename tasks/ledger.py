@@ -1,4 +1,13 @@
-"""The request ledger: deletion batches, their requests, releases and promotions (SQLite, WAL).
+"""The request ledger: deletion batches, their requests, releases and promotions.
+
+SQLite (WAL) in ``artifacts/ledger.db`` by default; PostgreSQL when ``UNLEARN_LEDGER_URL``
+names a database (``postgresql://USER:PASSWORD@HOST:PORT/DB``), so that pipeline runs on
+several hosts share one ledger. Both run the same statements (``_PgDb`` translates SQLite's
+placeholders and upsert) with the same guarantees: every write is one transaction, and
+writers are serialised (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-level
+advisory lock taken first), so a read-then-write such as the next batch number or an
+attempt joining a report sees no other writer in between. Errors are ``sqlite3``'s exception
+classes with either backend (the callers catch one family).
 
 A batch is ``pending`` (accepted, not applied yet), ``done`` (its deletion is in the champion
 lineage; ``version`` names the release that applied it) or ``rejected`` (with a reason and a
@@ -10,6 +19,9 @@ rejected, never half-done. MLflow keeps no alias history, so promotions are reco
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -60,6 +72,147 @@ CREATE TABLE IF NOT EXISTS promotions (
 );
 """
 
+# the same tables in PostgreSQL's types (REAL is a 4-byte float there)
+PG_SCHEMA = (SCHEMA.replace("REAL", "DOUBLE PRECISION")
+             .replace("seq      INTEGER PRIMARY KEY AUTOINCREMENT", "seq      BIGSERIAL PRIMARY KEY"))
+LEDGER_URL_ENV = "UNLEARN_LEDGER_URL"
+WRITE_LOCK_KEY = 0x756E6C6561726E01  # advisory lock keys: "unlearn" + 1 (writes), + 2 (runs)
+RUN_LOCK_KEY = 0x756E6C6561726E02
+
+
+def ledger_url() -> str | None:
+    """The PostgreSQL ledger's URL (``UNLEARN_LEDGER_URL``), or None: the SQLite file."""
+    url = os.environ.get(LEDGER_URL_ENV, "").strip()
+    if not url:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise LedgerError(f"{LEDGER_URL_ENV} must be a postgresql:// URL (got "
+                          f"{redact(url)!r}); unset it for the SQLite ledger in artifacts/")
+    return url
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def pg_connect(url: str, purpose: str = "ledger"):
+    """A psycopg connection (autocommit) that names its holder in ``pg_stat_activity``."""
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True, connect_timeout=10,
+                           application_name=f"unlearn {purpose} "
+                                            f"{socket.gethostname()}:{os.getpid()}"[:63])
+
+
+def ledger_present(path: str | Path) -> bool:
+    """Whether there is a ledger to open without creating one: the SQLite file exists and is
+    not empty, or the PostgreSQL database holds its tables (an unreachable database counts as
+    present: opening it then fails with the reason)."""
+    url = ledger_url()
+    if url is None:
+        p = Path(path)
+        return p.exists() and p.stat().st_size > 0
+    try:
+        with pg_connect(url) as conn:
+            return conn.execute("SELECT to_regclass('batches') IS NOT NULL").fetchone()[0]
+    except Exception:  # noqa: BLE001  (unreachable: Ledger() names the reason)
+        return True
+
+
+def ledger_name(path: str | Path) -> str:
+    """The ledger as messages name it: the SQLite file, or the database URL sans password."""
+    url = ledger_url()
+    return redact(url) if url else str(path)
+
+
+class _Row(tuple):
+    """A result row read by position or by column name, like ``sqlite3.Row``."""
+
+    names: tuple[str, ...] = ()
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self.names.index(key))
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+
+def _row_factory(cursor):
+    names = tuple(c.name for c in cursor.description or ())
+    cls = type("Row", (_Row,), {"names": names})
+    return lambda values: cls(values)
+
+
+_PLACEHOLDER = re.compile(r"\bIS NOT \?|\bIS \?|\?")
+
+
+def _pg_sql(sql: str) -> str:
+    """SQLite's statement for PostgreSQL: ``?`` -> ``%s``, ``IS [NOT] ?`` -> ``IS [NOT]
+    DISTINCT FROM``, the releases upsert."""
+    if sql.startswith("INSERT OR REPLACE INTO releases"):
+        sql = (sql.replace("INSERT OR REPLACE", "INSERT")
+               + " ON CONFLICT (version) DO UPDATE SET parent=EXCLUDED.parent, "
+                 "batches=EXCLUDED.batches, passed=EXCLUDED.passed, created=EXCLUDED.created")
+    sql = sql.replace(" WHERE 0", " WHERE false")
+    return _PLACEHOLDER.sub(lambda m: {"IS NOT ?": "IS DISTINCT FROM %s",
+                                       "IS ?": "IS NOT DISTINCT FROM %s"}.get(m.group(0), "%s"),
+                            sql)
+
+
+class _PgDb:
+    """The part of ``sqlite3.Connection`` the ledger uses, over psycopg; psycopg's errors
+    become ``sqlite3``'s (a lost connection: OperationalError)."""
+
+    def __init__(self, url: str):
+        import psycopg
+
+        self.psycopg = psycopg
+        self.conn = pg_connect(url)
+        self.conn.row_factory = _row_factory
+
+    def _error(self, e: Exception) -> sqlite3.Error:
+        errors = self.psycopg.errors
+        if isinstance(e, (self.psycopg.OperationalError, self.psycopg.InterfaceError,
+                          errors.LockNotAvailable, errors.QueryCanceled)):
+            return sqlite3.OperationalError(str(e).strip().splitlines()[0])
+        if isinstance(e, self.psycopg.IntegrityError):
+            return sqlite3.IntegrityError(str(e).strip().splitlines()[0])
+        return sqlite3.DatabaseError(str(e).strip().splitlines()[0])
+
+    def execute(self, sql: str, args: tuple | list = ()):
+        if sql == "BEGIN IMMEDIATE":  # one writer at a time, as SQLite
+            self.execute("BEGIN")
+            return self.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK_KEY,))
+        try:
+            return self.conn.execute(_pg_sql(sql), tuple(args) or None)
+        except self.psycopg.Error as e:
+            raise self._error(e) from None
+
+    def executemany(self, sql: str, rows) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.executemany(_pg_sql(sql), list(rows))
+        except self.psycopg.Error as e:
+            raise self._error(e) from None
+
+    def executescript(self, script: str) -> None:
+        self.execute("BEGIN")
+        try:
+            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK_KEY,))
+            for statement in filter(str.strip, script.split(";")):
+                self.execute(statement)
+            self.execute("COMMIT")
+        except BaseException:
+            if not self.conn.closed:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+
 
 EXPECTED_COLUMNS = {
     "batches": {"batch_id", "seq", "state", "source", "rows", "submitted", "updated", "version",
@@ -92,10 +245,15 @@ class LedgerError(RuntimeError):
 
 
 class Ledger:
-    """A thin wrapper over one SQLite file; open per command, close when done."""
+    """A thin wrapper over one SQLite file (or the PostgreSQL database ``UNLEARN_LEDGER_URL``
+    names, in place of ``path``); open per command, close when done."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        url = ledger_url()
+        if url is not None:
+            self._open_pg(url)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -117,6 +275,29 @@ class Ledger:
         except sqlite3.Error as e:
             self.db.close()
             raise LedgerError(f"the ledger {self.path} is damaged or not a ledger ({e}); "
+                              "rebuild it from the registry and data/ with `unlearn repair` "
+                              "(or restore it from a backup)") from None
+
+    def _open_pg(self, url: str) -> None:
+        self.where = redact(url)
+        try:
+            self.db = _PgDb(url)  # type: ignore[assignment]
+        except Exception as e:  # noqa: BLE001  (psycopg's connection errors)
+            raise LedgerError(f"cannot open the ledger {self.where}: "
+                              f"{str(e).strip().splitlines()[0] if str(e) else e}") from None
+        try:
+            if self.db.execute("SELECT to_regclass('promotions')").fetchone()[0] is None:
+                self.db.executescript(PG_SCHEMA)
+            for table, columns in EXPECTED_COLUMNS.items():
+                found = {r[0] for r in self.db.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name=? "
+                    "AND table_schema=current_schema()", (table,))}
+                if not columns <= found:
+                    raise sqlite3.DatabaseError(f"table {table} lacks "
+                                                f"{', '.join(sorted(columns - found))}")
+        except sqlite3.Error as e:
+            self.db.close()
+            raise LedgerError(f"the ledger {self.where} is damaged or not a ledger ({e}); "
                               "rebuild it from the registry and data/ with `unlearn repair` "
                               "(or restore it from a backup)") from None
 
@@ -159,6 +340,9 @@ class Ledger:
             pass  # no transaction left to roll back (SQLite ended it with the error)
 
     def _unwritable(self, e: sqlite3.Error) -> LedgerError:
+        if isinstance(self.db, _PgDb):
+            return LedgerError(f"the ledger {self.where} cannot be written ({e}); nothing was "
+                               "changed: check that the database is reachable, and retry")
         return LedgerError(f"the ledger {self.path} cannot be written ({e}); nothing was "
                            "changed: make it writable (or free the disk) and retry")
 
@@ -315,7 +499,7 @@ class Ledger:
             self._promote(db, version, previous, action, note)
 
     @staticmethod
-    def _promote(db: sqlite3.Connection, version: int, previous: int | None, action: str,
+    def _promote(db: Any, version: int, previous: int | None, action: str,
                  note: str | None = None) -> None:
         db.execute("INSERT INTO promotions (version, previous, action, note, at) "
                    "VALUES (?, ?, ?, ?, ?)", (version, previous, action, note, time.time()))
@@ -337,7 +521,7 @@ def _bounded(value: Any) -> Any:
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _batch(row: sqlite3.Row) -> Batch:
+def _batch(row: Any) -> Batch:
     d = dict(row)
     d["report"] = json.loads(d["report"]) if d["report"] else None
     return Batch(**d)

@@ -6,6 +6,7 @@ never leaves a stale lock; the file only keeps the last holder's pid, for messag
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -42,3 +43,52 @@ def lock_holder(path: Path) -> int | None:
         return int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+@contextmanager
+def pipeline_lock(paths, wait: bool = False) -> Iterator[bool]:
+    """One pipeline command at a time per state: the ``flock`` on ``artifacts/pipeline.lock``,
+    and, with the ledger on PostgreSQL (``UNLEARN_LEDGER_URL``), a session advisory lock in
+    that database too, which holds across hosts that share no filesystem. PostgreSQL drops
+    it when the holder's connection ends (its process died, or its host went away). Yields
+    False if ``wait`` is off and someone holds either."""
+    from .ledger import RUN_LOCK_KEY, LedgerError, ledger_url, pg_connect, redact
+
+    url = ledger_url()
+    with file_lock(paths.lock, wait=wait) as got:
+        if not got or url is None:
+            yield got
+            return
+        try:
+            conn = pg_connect(url, purpose="pipeline-lock")
+        except Exception as e:  # noqa: BLE001  (psycopg's connection errors)
+            raise LedgerError(f"cannot take the pipeline lock in {redact(url)}: "
+                              f"{str(e).strip().splitlines()[0] if str(e) else e}") from None
+        try:
+            fn = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
+            got = conn.execute(f"SELECT {fn}(%s)", (RUN_LOCK_KEY,)).fetchone()[0] is not False
+            yield got
+        finally:
+            conn.close()  # ends the session: the lock goes with it
+
+
+def pipeline_lock_holder(paths) -> str:
+    """Who holds the pipeline lock, for messages: ``process PID holds artifacts/...`` or, on
+    PostgreSQL, the holder's host and pid as its connection names them."""
+    from .ledger import RUN_LOCK_KEY, ledger_url, pg_connect
+
+    url = ledger_url()
+    row = None
+    if url is not None:
+        # a message only: without an answer, the lock file's pid
+        with contextlib.suppress(Exception), pg_connect(url) as conn:
+            row = conn.execute(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+                "USING (pid) WHERE l.locktype='advisory' AND l.granted AND "
+                "(l.classid::bigint << 32) | l.objid::bigint = %s",
+                (RUN_LOCK_KEY,)).fetchone()
+    if row is not None:  # application_name: "unlearn pipeline-lock HOST:PID"
+        host, _, pid_text = row[0].split()[-1].rpartition(":")
+        return f"process {pid_text} on {host} holds the pipeline lock in the ledger database"
+    pid = lock_holder(paths.lock)
+    return f"{f'process {pid}' if pid else 'another process'} holds {paths.lock}"
