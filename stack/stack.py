@@ -210,7 +210,7 @@ class Stack:
                     [str(bindir / "initdb"), "-D", str(data), "-U", DB_USER, "--pwfile",
                      str(pwfile), "--auth-local=trust", "--auth-host=scram-sha-256",
                      "-E", "UTF8", "--no-instructions"],
-                    capture_output=True, text=True, cwd=self.dir,
+                    capture_output=True, text=True, cwd=self.dir, check=False,
                     **(self._as(user) if user else {}))
             finally:
                 pwfile.unlink(missing_ok=True)

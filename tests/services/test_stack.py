@@ -1,0 +1,227 @@
+"""The pipeline on the services a team runs (``stack/stack.py``): the MLflow tracking server
+on PostgreSQL with artifacts on S3, the ledger in PostgreSQL, a DVC remote on S3, a Prefect
+work pool with workers. Every command runs as a real process; slow (about 4 minutes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from service_helpers import BIN, ROOT, ServiceHome
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+                   cwd=cwd, check=True, capture_output=True)
+
+
+def dvc(h: ServiceHome, cwd: Path, *args: str) -> str:
+    res = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=h.env, capture_output=True, check=False,
+                         text=True, timeout=300)
+    assert res.returncode == 0, f"dvc {' '.join(args)}: {res.stderr.strip()[-1500:]}"
+    return res.stdout
+
+
+def registry_versions(h: ServiceHome) -> list[dict]:
+    return h.json("releases")["versions"]
+
+
+def released_once(h: ServiceHome) -> None:
+    """Each done batch has exactly one passing version in the registry, the ledger names
+    that version, and the champion alias is the ledger's last promotion."""
+    versions = registry_versions(h)
+    batches = h.ledger_rows("SELECT batch_id, state, version FROM batches ORDER BY seq")
+    for batch_id, state, version in batches:
+        assert state == "done", batches
+        passing = [v["version"] for v in versions if v["lineage"].get("batch_id") == batch_id
+                   and v["gates_passed"]]
+        assert passing == [version], (batch_id, passing, version)
+    champion = next(v["version"] for v in versions if "champion" in v["aliases"])
+    (last,) = h.ledger_rows("SELECT version FROM promotions ORDER BY seq DESC LIMIT 1")
+    assert last[0] == champion == max(v for _, _, v in batches)
+
+
+def test_pipeline_on_tracking_server_postgres_ledger_and_s3(service_home, stack):
+    h = service_home("main", model="forget-classifier")  # the name consumers load
+    git(h.home, "init", "-q")
+    (h.home / ".gitignore").write_text("/artifacts/\n/*.csv\n/*.html\n")
+
+    h.ok("pretrain")
+    assert not (h.home / "mlruns").exists()  # nothing in the local store: all on the server
+    assert not (h.home / "artifacts" / "ledger.db").exists()  # the ledger is PostgreSQL's
+    h.ok("submit", str(h.manifest("b1", [("r1", 3), ("r2", 10)])))
+    t0 = time.monotonic()
+    out = h.ok("run")
+    batch_s = time.monotonic() - t0
+    assert "-> version 2" in out, out
+    print(f"\none batch through the stack: `unlearn run` {batch_s:.1f} s")
+
+    refused = h.unlearn("rollback")
+    assert refused.returncode == 1 and "predates committed deletion" in refused.stderr
+    assert "champion: version 2" in h.ok("rollback", "--to", "1", "--reapply")
+    h.ok("submit", str(h.manifest("b2", [("r3", 20), ("r4", 33)])))
+    assert "-> version 3" in h.ok("run")
+    assert "champion: version 3" in h.ok("promote", "3")
+
+    listing = h.json("releases")
+    assert listing["champion"] == 3 and [v["version"] for v in listing["versions"]] == [1, 2, 3]
+    requests = h.json("requests")
+    assert not requests["open"] and len(requests["requests"]) == 4
+    h.ok("audit", "r1")
+    h.ok("report", "3", "--output", str(h.home / "v3.html"))
+    assert (h.home / "v3.html").stat().st_size > 10_000
+    assert "3 release(s) reproduced" in h.ok("verify", "--all")
+    released_once(h)
+
+    # a plain MLflow client, HTTP only (no S3 credentials: the server serves the artifacts)
+    plain = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "UNLEARN_",
+                                                                      "MLFLOW_S3"))}
+    plain["MLFLOW_TRACKING_URI"] = stack.env["MLFLOW_TRACKING_URI"]
+    code = textwrap.dedent("""
+        import mlflow, mlflow.pytorch, torch
+        from sklearn.datasets import load_digits
+        model = mlflow.pytorch.load_model("models:/forget-classifier@champion")
+        d = load_digits()
+        x = torch.tensor(d.images[-200:] / 16.0, dtype=torch.float32).unsqueeze(1)
+        acc = (model(x).argmax(1).numpy() == d.target[-200:]).mean()
+        v = mlflow.MlflowClient().get_model_version_by_alias("forget-classifier", "champion")
+        print(v.version, acc)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], env=plain, capture_output=True, check=False, text=True,
+                         cwd="/", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    version, acc = res.stdout.split()[-2:]
+    assert version == "3" and float(acc) > 0.8, res.stdout
+
+    # DVC: data/ to an S3 remote; a fresh clone pulls it and rebuilds every release
+    remote = f"{stack.env['UNLEARN_DVC_REMOTE_URL']}/main"
+    dvc(h, h.home, "remote", "add", "-d", "-f", "s3", remote)
+    dvc(h, h.home, "remote", "modify", "s3", "endpointurl", stack.env["AWS_ENDPOINT_URL"])
+    dvc(h, h.home, "push")
+    git(h.home, "add", "-A")
+    git(h.home, "commit", "-q", "-m", "state")
+    clone = h.home.parent / "main-clone"
+    git(h.home.parent, "clone", "-q", str(h.home), str(clone))
+    assert not (clone / "data").exists()
+    dvc(h, clone, "pull", "data.dvc")  # (the dvc.yaml stages have not run: no outputs)
+    assert (clone / "data" / "releases.json").is_file()
+    res = h.unlearn("verify", "--all", UNLEARN_HOME=str(clone))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "3 release(s) reproduced" in res.stdout, res.stdout
+
+
+WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+
+
+def start_worker(h: ServiceHome, pool: str, name: str, folder: Path,
+                 **extra: str) -> subprocess.Popen:
+    """``prefect worker start`` in its own folder and session (a host of its own)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / "worker.log", "wb")  # noqa: SIM115
+    env = {**h.env, **WORKER_ENV, "PREFECT_HOME": str(folder / ".prefect"), **extra}
+    proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool,
+                             "--name", name], cwd=folder, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    return proc
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for(check, timeout: float, what: str, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    tails = "".join(f"\n--- {p} ---\n{p.read_text(errors='replace')[-3000:]}"
+                    for p in logs if p.exists())
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tails}")
+
+
+def test_workers_release_each_batch_once_and_survive_a_killed_worker(service_home, tmp_path):
+    """An interval deployment on a process work pool; worker 1 takes the first run and dies
+    (SIGKILL, with its flow run) while the batch is in MLflow; workers 2 and 3, in folders of
+    their own, race on the same pending batches (extra runs started at once) and release
+    each batch exactly once."""
+    h = service_home("workers")
+    h.ok("pretrain")
+    h.ok("submit", str(h.manifest("w1", [("w-r1", 5), ("w-r2", 12)])))
+    h.ok("submit", str(h.manifest("w2", [("w-r3", 21), ("w-r4", 40)])))
+    pool = "unlearning-test"
+    deploy = textwrap.dedent(f"""
+        import asyncio
+        from prefect import flow
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import WorkPoolCreate
+
+        async def pool():
+            async with get_client() as client:
+                await client.create_work_pool(WorkPoolCreate(name={pool!r}, type="process"))
+
+        asyncio.run(pool())
+        f = flow.from_source(source={str(ROOT)!r},
+                             entrypoint="flows/pipeline.py:process_deletions_flow")
+        print(f.deploy(name="every-5s", work_pool_name={pool!r}, interval=5,
+                       parameters={{"home": {str(h.home)!r}}}, print_next_steps=False))
+    """)
+    res = subprocess.run([sys.executable, "-c", deploy], env=h.env, capture_output=True, check=False,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    gate = tmp_path / "gate"
+    gate.write_text("")
+    w1 = start_worker(h, pool, "host-1", tmp_path / "host-1", UNLEARN_FAULT="after:start_run=wait",
+                      UNLEARN_FAULT_GATE=str(gate))
+    workers = [w1]
+    logs = [tmp_path / f"host-{i}" / "worker.log" for i in (1, 2, 3)]
+    try:
+        reached = Path(f"{gate}.reached")
+        wait_for(reached.exists, 240, "worker 1 to start a batch", logs)
+        kill_group(w1)  # the host dies: the worker and its flow run
+        try:  # (the flow run, wherever its process group)
+            os.kill(int(reached.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(1)
+        states = h.ledger_rows("SELECT state FROM batches ORDER BY seq")
+        assert states == [("pending",), ("pending",)], states
+        gate.unlink()
+
+        workers += [start_worker(h, pool, f"host-{i}", tmp_path / f"host-{i}") for i in (2, 3)]
+        race = textwrap.dedent("""
+            from prefect.deployments import run_deployment
+            for _ in range(3):
+                run_deployment("process-deletions/every-5s", timeout=0)
+        """)
+        res = subprocess.run([sys.executable, "-c", race], env=h.env, capture_output=True, check=False,
+                             text=True, timeout=300, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+        def all_done() -> bool:
+            return h.ledger_rows("SELECT count(*) FROM batches WHERE state='done'")[0][0] == 2
+
+        wait_for(all_done, 420, "workers 2 and 3 to release both batches", logs)
+    finally:
+        for w in workers:
+            kill_group(w, signal.SIGTERM)
+    released_once(h)
+    assert len(registry_versions(h)) == 3  # the killed run registered nothing
