@@ -225,3 +225,22 @@ def test_workers_release_each_batch_once_and_survive_a_killed_worker(service_hom
             kill_group(w, signal.SIGTERM)
     released_once(h)
     assert len(registry_versions(h)) == 3  # the killed run registered nothing
+
+
+def test_pipeline_lock_holds_across_hosts_without_a_shared_filesystem(stack, tmp_path,
+                                                                       monkeypatch):
+    """Two state folders (two hosts' disks: two lock files) on one PostgreSQL ledger: while
+    one pipeline command holds the lock, the other is refused, and told who holds it; the
+    lock goes with the holder's connection."""
+    from tasks.locks import pipeline_lock, pipeline_lock_holder
+    from tasks.paths import Paths
+
+    monkeypatch.setenv("UNLEARN_LEDGER_URL", stack.database("ledger_lock"))
+    host_a, host_b = Paths(tmp_path / "a"), Paths(tmp_path / "b")
+    with pipeline_lock(host_a) as got_a:
+        assert got_a
+        with pipeline_lock(host_b) as got_b:
+            assert not got_b
+        assert pipeline_lock_holder(host_b).startswith(f"process {os.getpid()} on ")
+    with pipeline_lock(host_b) as got_b:
+        assert got_b
