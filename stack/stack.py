@@ -15,7 +15,8 @@ recorded in ``DIR/pids.json``, then their process groups) and checks that none i
 - PostgreSQL (the distribution's binaries: /usr/lib/postgresql/*/bin, else PATH) runs as an
   unprivileged user (as root: ``unlearn-stack``, created if missing), its data under
   ``DIR/postgres``; databases ``mlflow`` (tracking and registry) and ``ledger``.
-- moto in server mode is the S3 endpoint (in memory: its objects are gone after ``down``);
+- moto in server mode is the S3 endpoint (in memory: its objects are gone after ``down``,
+  so ``up`` always starts every service empty);
   buckets ``unlearn-mlflow`` (the tracking server's ``--artifacts-destination``) and
   ``unlearn-dvc`` (a DVC remote).
 - ``mlflow server`` serves the artifacts itself (clients need only HTTP, no S3 credentials).
@@ -336,11 +337,12 @@ class Stack:
             raise StackError(f"the stack in {self.dir} is already running "
                              f"({', '.join(self.running())}); `stack.py down` first")
         t0 = time.monotonic()
-        state = self.state()
         self.dir.mkdir(parents=True, exist_ok=True)
-        if "postgres" not in state:  # keep the password of an existing data folder
-            state["postgres"] = {"password": secrets.token_hex(12)}
-        state["postgres"]["port"] = free_port()
+        # a fresh stack each time: moto's S3 objects live in memory only, so a registry or
+        # ledger kept from an earlier stack would name artifacts that are gone
+        for old in ("postgres", "prefect"):
+            shutil.rmtree(self.dir / old, ignore_errors=True)
+        state = {"postgres": {"password": secrets.token_hex(12), "port": free_port()}}
         state["ports"] = {"s3": free_port(), "mlflow": free_port(), "prefect": free_port()}
         state["services"] = {}
         self.save(state)
