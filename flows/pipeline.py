@@ -21,14 +21,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tasks import escalation, registry, release
+from tasks import consolidation, escalation, registry, release
 from tasks.adopt import write_base
 from tasks.faults import fault
 from tasks.gates import check_base_gates
 from tasks.ledger import Ledger
 from tasks.lineage import LineageError, guard, missing_reason, previous_champion, reconcile
 from tasks.locks import pipeline_lock, pipeline_lock_holder
-from tasks.params import PipelineParams, load_params
+from tasks.params import EXACT_RETRAIN, PipelineParams, load_params
 from tasks.paths import Paths, find_home
 from tasks.release import manifest_problem
 from tasks.state_check import check_state, new_base_refusal
@@ -251,7 +251,7 @@ def _revs(paths: Paths, cfg: PipelineParams) -> dict[str, str]:
 def _batch_tags(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
                 candidate: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
     rows = [r for b in batches for r in release.read_rows(paths.manifest(b))]
-    objectives = sorted({r["objective"] for r in rows})
+    objectives = sorted({r["objective"] for r in rows}) or ["none"]  # none: a consolidation
     return {
         **parent["tags"], **_revs(paths, cfg),
         "parent_version": parent["version"], "batch_id": ",".join(batches),
@@ -267,7 +267,10 @@ def _batch_tags(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch
 
 def _register(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
               candidate: dict[str, Any], metrics: dict[str, Any], gates: dict[str, Any],
-              run_name: str, extra_tags: dict[str, Any] | None = None) -> int:
+              run_name: str, extra_tags: dict[str, Any] | None = None,
+              built_with: escalation.Attempt | None = None) -> int:
+    """Register a candidate as a version and publish it (``_publish``). ``built_with``: the
+    method and params that built it (default: ``cfg``'s ``unlearn.method`` and params)."""
     folder = Path(candidate["path"]).parent
     params = {**cfg.flat(), "batch_ids": ",".join(batches), "parent_version": parent["version"]}
     artifacts = {
@@ -279,14 +282,17 @@ def _register(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches
         tags={**_batch_tags(paths, cfg, parent, batches, candidate, gates), **(extra_tags or {})},
         metrics={**metrics, "gates_passed": float(gates["passed"])}, params=params,
         artifacts=artifacts, input_example=release.dataset_of(cfg).test_x[:4].numpy())
-    return _publish(paths, cfg, version, parent["version"], batches, gates["passed"])
+    return _publish(paths, cfg, version, parent["version"], batches, gates["passed"],
+                    built_with or escalation.primary(cfg))
 
 
 def _publish(paths: Paths, cfg: PipelineParams, version: int, parent: int, batches: list[str],
-             passed: bool) -> int:
-    """A registered version into the ledger, data/ and (if it passed) the candidate alias.
-    Every step is idempotent: a resumed run repeats them for a version it adopts."""
-    record_release(paths, version, parent, batches, passed)
+             passed: bool, built_with: escalation.Attempt) -> int:
+    """A registered version into the ledger (with the method and params that built it),
+    data/ and (if it passed) the candidate alias. Every step is idempotent: a resumed run
+    repeats them for a version it adopts."""
+    record_release(paths, version, parent, batches, passed,
+                   {"method": built_with.method, "params": built_with.params})
     fault("after:record_release")
     track_data(paths, cfg, version)  # data/releases.json, data.dvc -> data_rev
     mark_candidate(paths, cfg, version, passed)
@@ -327,18 +333,13 @@ def _adopt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion: i
 
 def base_test_acc(paths: Paths, cfg: PipelineParams, client,
                   version: int) -> tuple[int, float] | None:
-    """The base model of ``version``'s lineage (its first ancestor in the ledger: pretrained
-    or adopted, the last exact model) and the held-out accuracy recorded on it."""
-    with Ledger(paths.ledger) as ledger:
-        current, seen = version, set()
-        while current not in seen:
-            seen.add(current)
-            rel = ledger.release(current)
-            if rel is None:
-                return None
-            if rel["parent"] is None:
-                break
-            current = int(rel["parent"])
+    """The base of ``version``'s lineage (the last exact model: pretrained or adopted, a
+    consolidation or an exact retrain; ``consolidation.since_base``) and the held-out
+    accuracy recorded on it."""
+    drift = _drift(paths, cfg, client, version)
+    if drift is None:
+        return None
+    current = drift.base
     mv = registry.version_info(client, cfg.registry.model_name, current)
     try:
         acc = client.get_run(mv.run_id).data.metrics.get("test_acc")
@@ -347,6 +348,16 @@ def base_test_acc(paths: Paths, cfg: PipelineParams, client,
     if acc is None and "test_acc" in mv.tags:
         acc = float(mv.tags["test_acc"])
     return None if acc is None else (current, float(acc))
+
+
+def _drift(paths: Paths, cfg: PipelineParams, client, version: int) -> consolidation.Drift | None:
+    name = cfg.registry.model_name
+
+    def exact(v: int) -> bool:
+        return registry.version_info(client, name, v).tags.get("exact") == "true"
+
+    with Ledger(paths.ledger) as ledger:
+        return consolidation.since_base(ledger, version, exact)
 
 
 def cumulative_drop(paths: Paths, cfg: PipelineParams, client, parent: int,
@@ -440,7 +451,7 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
     adopted = _adopt(paths, cfg, client, batch_id, champion, attempt, folder)
     if adopted is not None:  # registered before a crash: finish it, never register it twice
         version, metrics, gates = adopted
-        _publish(paths, cfg, version, champion, [batch_id], gates["passed"])
+        _publish(paths, cfg, version, champion, [batch_id], gates["passed"], attempt)
         number = int(registry.version_info(client, cfg.registry.model_name, version)
                      .tags.get("attempt") or 1)
         return {**base, "attempt": number, "version": version, "metrics": metrics,
@@ -449,6 +460,7 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
     # the ledger accepts the attempt before anything is registered for it
     record_attempt(paths, [batch_id], {"kind": "release", "parent": champion,
                                        "attempt": number, "method": attempt.method})
+    fault(f"in:attempt-{number}")
     parent = fetch_model(paths, cfg, champion)
     with Ledger(paths.ledger) as ledger:
         earlier = ledger.covered_batches(champion)
@@ -473,7 +485,8 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
         extra["method_params"] = json.dumps(attempt.params, sort_keys=True)
     version = _register(paths, acfg if not attempt.exact else cfg, parent, [batch_id],
                         candidate, metrics, gates, run_name=f"unlearn-{batch_id}"
-                        + ("" if number == 1 else f"-attempt-{number}"), extra_tags=extra)
+                        + ("" if number == 1 else f"-attempt-{number}"), extra_tags=extra,
+                        built_with=attempt)
     return {**base, "attempt": number, "version": version, "metrics": metrics,
             "gates": gates, "seconds": candidate["seconds"], "resumed": False}
 
@@ -510,14 +523,69 @@ def process_deletions_flow(home: str | None = None) -> dict[str, Any]:
             pending = [b.batch_id for b in ledger.batches("pending")]
         if registry.alias_version(client, name, registry.CANDIDATE) == champion:
             client.delete_registered_model_alias(name, registry.CANDIDATE)  # a run died mid-promote
-        results = []
+        results, consolidated = [], []
         for batch_id in pending:
             result = _apply_batch(paths, cfg, client, batch_id)
             logger.info("%s: %s%s", batch_id, result["state"],
                         f" (version {result['version']})" if result.get("version") else "")
             results.append(result)
+            if result["state"] == "done":  # the next batch starts from the new base
+                consolidated += _consolidate_if_due(paths, cfg, client)
+        if not pending:  # due by a params.yaml change, or after an interrupted run
+            consolidated += _consolidate_if_due(paths, cfg, client)
         champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
-    return {"status": "ok", "batches": results, "champion": champion, "reconciled": reconciled}
+    return {"status": "ok", "batches": results, "consolidations": consolidated,
+            "champion": champion, "reconciled": reconciled}
+
+
+def _consolidate_if_due(paths: Paths, cfg: PipelineParams, client) -> list[dict[str, Any]]:
+    """Consolidate the champion when ``consolidation.due``: an exact retrain of its whole
+    deletion history, registered as a release with no batches of its own and, if it passes
+    the exact gates, promoted (the new base). [] when not due; one result otherwise."""
+    name = cfg.registry.model_name
+    champion = registry.alias_version(client, name, registry.CHAMPION)
+    if champion is None:
+        return []
+    drift = _drift(paths, cfg, client, champion)
+    base = base_test_acc(paths, cfg, client, champion)
+    acc = registry.version_info(client, name, champion).tags.get("test_acc")
+    lost = base[1] - float(acc) if base is not None and acc is not None else None
+    why = consolidation.due(cfg, drift, lost)
+    if why is None or drift is None:
+        return []
+    get_run_logger().info("consolidating version %s: %s", champion, why)
+    start = time.perf_counter()
+    found = consolidation.find(client, cfg, champion)
+    if found is not None:  # registered before a crash: finish it, never register it twice
+        version, passed = int(found.version), found.tags.get("gates_passed") == "true"
+        gates = {"passed": passed, "failures": [g for g in found.tags.get(
+            "gate_failures", "").split(",") if g]}
+        metrics = dict(client.get_run(found.run_id).data.metrics)
+        _publish(paths, cfg, version, champion, [], passed, escalation.Attempt(EXACT_RETRAIN))
+    else:
+        fault("in:consolidate")
+        parent = fetch_model(paths, cfg, champion)
+        with Ledger(paths.ledger) as ledger:
+            covered = ledger.covered_batches(champion)
+        out = paths.artifacts / "consolidations" / f"from-v{champion}" / "candidate.pt"
+        candidate = retrain_exact_model(paths, cfg, parent, covered, out)
+        # objective rates on the newest batch and the earlier ones: reported, not gated
+        metrics = evaluate_model(paths, cfg, parent, candidate, covered[-1], covered[:-1])
+        metrics.update(cumulative_drop(paths, cfg, client, champion, metrics))
+        gates = escalation.exact_gates(metrics, cfg.gates)
+        out.with_name("gates.json").write_text(json.dumps(gates, indent=2))
+        extra = {consolidation.CONSOLIDATION_TAG: "true", "method": EXACT_RETRAIN,
+                 "exact": "true", "seed": cfg.pretrain.seed, "params_sha256": cfg.sha256(),
+                 "consolidated_rows": str(drift.rows), "consolidated_from": str(drift.base)}
+        version = _register(paths, cfg, parent, [], candidate, metrics, gates,
+                            run_name=f"consolidate-v{champion}", extra_tags=extra,
+                            built_with=escalation.Attempt(EXACT_RETRAIN))
+        passed = gates["passed"]
+    if passed:
+        _set_champion(paths, cfg, version, "consolidate", note=why)
+    return [{"version": version, "parent": champion, "passed": passed, "reason": why,
+             "rows": drift.rows, "base": drift.base, "gates": gates,
+             "test_acc": metrics.get("test_acc"), "seconds": time.perf_counter() - start}]
 
 
 # -- retry ------------------------------------------------------------------------------------
@@ -583,8 +651,11 @@ def retry_flow(batch_id: str, method: str | None = None,
         if registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION) is None:
             return {"status": "failed", "reason": "no champion yet: run `unlearn pretrain`"}
         result = _apply_batch(paths, cfg, client, batch_id, method)
+        consolidated = (_consolidate_if_due(paths, cfg, client)
+                        if result["state"] == "done" else [])
         champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
-    return {"status": "ok", "requeued": batch_id, "batches": [result], "champion": champion}
+    return {"status": "ok", "requeued": batch_id, "batches": [result],
+            "consolidations": consolidated, "champion": champion}
 
 
 # -- promote and rollback ---------------------------------------------------------------------
@@ -653,7 +724,7 @@ def _adopt_replay(paths: Paths, cfg: PipelineParams, target: int,
             continue
         version, _, gates = adopted
         passed = gates["passed"] and n == len(missing)
-        _publish(paths, cfg, version, target, missing[:n], passed)
+        _publish(paths, cfg, version, target, missing[:n], passed, escalation.primary(cfg))
         return {"version": version, "passed": passed, "steps": [], "resumed": True,
                 "gates": {**gates, "passed": passed}}
     return None

@@ -167,6 +167,10 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
         # `rollback --reapply` it is the replay, not the replaced release that applied it first
         carrier = {b: next((v for v in chain if b in (ledger.release(v) or {}).get("batches", [])),
                            None) for b in batches}
+        # exact retrains in the champion's lineage (consolidations, exact releases), newest
+        # first like ``chain``: one at or after a batch's carrier never trained on its rows
+        exact_at = [i for i, v in enumerate(chain)
+                    if registry.version_info(client, name, v).tags.get("exact") == "true"]
         champion_rel = ledger.release(champion) if champion is not None else None
         parent_version = champion_rel["parent"] if champion_rel else None
         unseen_rows = {b: ledger.requests(b) for b, batch in batches.items()
@@ -221,9 +225,11 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
                 rec["live"] = (live_check(model, dataset, r, verdicts.get(b.batch_id))
                                if r["objective"] == "as-if-unseen"
                                else live_check(model, dataset, r))
-                if not rec["live"]["holds"] and (b.report or {}).get("exact"):
-                    # released by exact retraining: a model never trained on the row may
-                    # still predict it correctly; its influence is gone (tasks/escalation.py)
+                retrained = now in chain and any(i <= chain.index(now) for i in exact_at)
+                if not rec["live"]["holds"] and ((b.report or {}).get("exact") or retrained):
+                    # released by exact retraining, or consolidated since (an exact retrain of
+                    # the history, tasks/consolidation.py): a model never trained on the row
+                    # may still predict it correctly; its influence is gone
                     rec["live"] = {**rec["live"], "holds": True, "exact": True,
                                    "rule": "done (exact): the champion descends from an exact "
                                    "retrain that never saw this row; its own rule ("

@@ -306,12 +306,15 @@ def tracked_dataset(paths: Paths, cfg: PipelineParams) -> PipelineParams:
 
 
 def write_release_order(paths: Paths) -> list[dict[str, Any]]:
-    """``data/releases.json`` from the ledger: every release, oldest first."""
+    """``data/releases.json`` from the ledger: every release, oldest first, with the method
+    and params that built it (``dvc repro`` rebuilds each release the same way, an escalated
+    one included; a release recorded without them: ``unlearn.method`` and its params)."""
     from .ledger import Ledger
 
     with Ledger(paths.ledger) as ledger:
         releases = [{"version": r["version"], "parent": r["parent"], "batches": r["batches"],
-                     "passed": r["passed"]} for r in ledger.releases()]
+                     "passed": r["passed"], **(r.get("built_with") or {})}
+                    for r in ledger.releases()]
     _write_if_changed(paths.releases_file, (json.dumps({"releases": releases}, indent=2)
                                             + "\n").encode())
     return releases

@@ -17,6 +17,10 @@ from ``after:start_run`` on, for the one version it registers):
 ``after:candidate_alias``    ``candidate`` points at it; ``champion`` has not moved
 ``after:champion_alias``     ``champion`` moved; ``candidate`` not cleared, batch still pending
 ``in:record_batch``          inside the ledger transaction that marks the batch done (rolled back)
+``in:attempt-N``             attempt N of the escalation policy is accepted by the ledger;
+                             nothing trained or registered for it yet (N >= 1)
+``in:consolidate``           a consolidation is due: nothing trained or registered for it yet
+                             (then it passes the release points from ``after:start_run`` on)
 ``after:lock``               ``unlearn run`` holds the pipeline lock, before any batch
 ``after:write_manifest``     ``unlearn submit`` staged artifacts/incoming/<batch>.csv; the
                              ledger does not know the batch yet

@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS releases (
     parent  INTEGER,
     batches TEXT NOT NULL,
     passed  INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    built_with TEXT
 );
 CREATE TABLE IF NOT EXISTS promotions (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -155,7 +156,8 @@ def _pg_sql(sql: str) -> str:
     if sql.startswith("INSERT OR REPLACE INTO releases"):
         sql = (sql.replace("INSERT OR REPLACE", "INSERT")
                + " ON CONFLICT (version) DO UPDATE SET parent=EXCLUDED.parent, "
-                 "batches=EXCLUDED.batches, passed=EXCLUDED.passed, created=EXCLUDED.created")
+                 "batches=EXCLUDED.batches, passed=EXCLUDED.passed, created=EXCLUDED.created, "
+                 "built_with=EXCLUDED.built_with")
     sql = sql.replace(" WHERE 0", " WHERE false")
     return _PLACEHOLDER.sub(lambda m: {"IS NOT ?": "IS DISTINCT FROM %s",
                                        "IS ?": "IS NOT DISTINCT FROM %s"}.get(m.group(0), "%s"),
@@ -223,6 +225,10 @@ EXPECTED_COLUMNS = {
 }
 
 
+# (table, column) added after the first ledgers were written; opening one adds them
+LATER_COLUMNS = (("requests", "instance_key"), ("releases", "built_with"))
+
+
 @dataclass(frozen=True)
 class Batch:
     batch_id: str
@@ -269,9 +275,11 @@ class Ledger:
                 if not columns <= found:
                     raise sqlite3.DatabaseError(f"table {table} lacks "
                                                 f"{', '.join(sorted(columns - found))}")
-            # instance keys came later: a ledger from before gets the column (NULL: by id)
-            if "instance_key" not in {r[1] for r in self.db.execute("PRAGMA table_info(requests)")}:
-                self.db.execute("ALTER TABLE requests ADD COLUMN instance_key TEXT")
+            # columns added later: a ledger from before gets them (NULL: by id; the primary
+            # method, as releases were built before the escalation policy)
+            for table, column in LATER_COLUMNS:
+                if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
         except sqlite3.Error as e:
             self.db.close()
             raise LedgerError(f"the ledger {self.path} is damaged or not a ledger ({e}); "
@@ -288,6 +296,8 @@ class Ledger:
         try:
             if self.db.execute("SELECT to_regclass('promotions')").fetchone()[0] is None:
                 self.db.executescript(PG_SCHEMA)
+            for table, column in LATER_COLUMNS:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} TEXT")
             for table, columns in EXPECTED_COLUMNS.items():
                 found = {r[0] for r in self.db.execute(
                     "SELECT column_name FROM information_schema.columns WHERE table_name=? "
@@ -463,16 +473,21 @@ class Ledger:
     # -- releases and promotions ------------------------------------------------------------
 
     def add_release(self, version: int, parent: int | None, batches: list[str],
-                    passed: bool) -> None:
+                    passed: bool, built_with: dict[str, Any] | None = None) -> None:
+        """``built_with``: the method and params that built it ({method, params}; None for a
+        base model), so ``dvc repro`` rebuilds an escalated release the way it was built."""
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?, ?)",
-                       (version, parent, json.dumps(batches), int(passed), time.time()))
+            db.execute("INSERT OR REPLACE INTO releases (version, parent, batches, passed, "
+                       "created, built_with) VALUES (?, ?, ?, ?, ?, ?)",
+                       (version, parent, json.dumps(batches), int(passed), time.time(),
+                        json.dumps(built_with, sort_keys=True) if built_with else None))
 
     def release(self, version: int) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM releases WHERE version=?", (version,)).fetchone()
         if row is None:
             return None
-        return {**dict(row), "batches": json.loads(row["batches"]), "passed": bool(row["passed"])}
+        return {**dict(row), "batches": json.loads(row["batches"]), "passed": bool(row["passed"]),
+                "built_with": json.loads(row["built_with"]) if row["built_with"] else None}
 
     def releases(self) -> list[dict[str, Any]]:
         """Every recorded release, oldest first (what ``data/releases.json`` mirrors)."""

@@ -150,6 +150,11 @@ class UnlearnParams(_Section):
     params: dict[str, int | float | bool | str] = Field(default_factory=dict)
     # tried in turn when a release fails its gates (tasks/escalation.py); empty: none
     fallback: list[FallbackEntry] = Field(default_factory=list)
+    # consolidation (tasks/consolidation.py): after a batch is released, an exact retrain of
+    # the whole deletion history becomes the new base once this many rows were deleted since
+    # the last exact model, or once this many held-out points were lost since it (0: off)
+    consolidate_every: int = Field(default=0, ge=0, le=100_000_000)
+    consolidate_drop: float = Field(default=0.0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _method_params(self, info: ValidationInfo) -> UnlearnParams:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .escalation import attempt_of
 from .ledger import Ledger, LedgerError, ledger_present, ledger_url
 from .locks import file_lock, pipeline_lock, pipeline_lock_holder
 from .params import PipelineParams
@@ -326,7 +327,12 @@ def rebuild_ledger(paths: Paths, cfg: PipelineParams, stores: Stores,
             parent, batches = stores.lineage(version)
             if any(batch_state.get(b) == "pending" for b in batches):
                 continue
-            ledger.add_release(version, parent, batches, stores.versions[version]["gates_passed"])
+            built = None
+            if parent is not None:  # the method and params it was built with, from its tags
+                attempt = attempt_of(cfg, stores.versions[version]["lineage"])
+                built = {"method": attempt.method, "params": attempt.params}
+            ledger.add_release(version, parent, batches, stores.versions[version]["gates_passed"],
+                               built)
             done.append(f"release {version} (version {parent or 'none'} + "
                         f"{','.join(batches) or 'base'}) from the registry")
         # promotions along the champion's lineage, when the ledger has none

@@ -32,9 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import datastore, escalation, release
+from . import consolidation, datastore, escalation, release
 from .adopt import read_base, rebuild_adopted
-from .params import ParamsError, PipelineParams, load_params
+from .params import EXACT_RETRAIN, ParamsError, PipelineParams, load_params
 from .paths import OFFLINE_ENV, Paths
 
 BASE = Path("artifacts/base")
@@ -117,8 +117,8 @@ def stage_releases(home: Path) -> dict[str, Any]:
         if parent is None:
             built[version] = base
         else:
-            result = release.rebuild_release(paths, load, built[parent], batches,
-                                             covered[parent], out / f"v{version}")
+            result = _rebuild(paths, load, entry, built[parent], covered[parent],
+                              out / f"v{version}")
             built[version] = {"path": result["path"], "weights_sha256": result["weights_sha256"]}
         hashes[str(version)] = {
             "parent": parent, "batches": batches,
@@ -128,6 +128,33 @@ def stage_releases(home: Path) -> dict[str, Any]:
         print(f"v{version}: {built[version]['weights_sha256']}", file=sys.stderr, flush=True)
     _write_json(home / HASHES, {"params_sha256": cfg.sha256(), "releases": hashes})
     return hashes
+
+
+def _attempt(load: PipelineParams, entry: dict[str, Any]) -> escalation.Attempt:
+    """How the pipeline built a release of the plan: a consolidation is an exact retrain; an
+    escalated release names its attempt; any other used the primary method."""
+    if consolidation.is_consolidation(entry):
+        return escalation.Attempt(EXACT_RETRAIN)
+    if entry.get("method"):
+        return escalation.Attempt(entry["method"], dict(entry.get("params") or {}))
+    return escalation.primary(load)
+
+
+def _last_step(folder: Path, entry: dict[str, Any]) -> Path:
+    """Where a rebuilt release's checkpoint and unlearn.json are: the folder of its last
+    batch (``release.rebuild_release``'s layout), ``consolidation/`` for a consolidation."""
+    return folder / (entry["batches"][-1] if entry["batches"] else "consolidation")
+
+
+def _rebuild(paths: Paths, load: PipelineParams, entry: dict[str, Any], parent: dict[str, Any],
+             earlier: list[str], folder: Path) -> dict[str, Any]:
+    """One release of the plan, built as the pipeline built it (``_attempt``)."""
+    batches, attempt = entry["batches"], _attempt(load, entry)
+    if attempt.exact:
+        return escalation.retrain_exact(paths, load, parent, earlier + batches,
+                                        _last_step(folder, entry) / "model.pt")
+    return release.rebuild_release(paths, escalation.attempt_params(load, attempt), parent,
+                                   batches, earlier, folder)
 
 
 def stage_evaluate(home: Path) -> dict[str, Any]:
@@ -148,10 +175,11 @@ def stage_evaluate(home: Path) -> dict[str, Any]:
                                       "test_acc": round(base["test_acc"], 4)}
             continue
         folder = home / RELEASES / f"v{version}"
-        last = folder / batches[-1]
+        last = _last_step(folder, entry)
         summary = json.loads((last / "unlearn.json").read_text())
         candidate = {**summary, "path": str(last / "model.pt")}
-        if len(batches) > 1:  # a replay: the last step started from the step before it
+        exact = _attempt(load, entry).exact
+        if len(batches) > 1 and not exact:  # a replay: the last step began at the one before
             before = folder / batches[-2]
             start = {"path": str(before / "model.pt"),
                      "weights_sha256": json.loads((before / "unlearn.json").read_text())[
@@ -159,15 +187,16 @@ def stage_evaluate(home: Path) -> dict[str, Any]:
         else:
             start = {"path": str(home / hashes[str(parent)]["path"]),
                      "weights_sha256": hashes[str(parent)]["weights_sha256"]}
-        earlier = covered[parent] + batches[:-1]
-        found = release.evaluate_candidate(paths, load, start, candidate, batches[-1], earlier,
+        held = covered[version]  # a consolidation: its parent's batches, the newest evaluated
+        found = release.evaluate_candidate(paths, load, start, candidate, held[-1], held[:-1],
                                            metrics_path=out / f"v{version}" / "metrics.json")
-        gates = check_gates(found, cfg.gates)
-        _write_json(out / f"v{version}" / "gates.json", gates.to_dict())
+        gates = (escalation.exact_gates(found, cfg.gates) if exact
+                 else check_gates(found, cfg.gates).to_dict())
+        _write_json(out / f"v{version}" / "gates.json", gates)
         numeric = {k: round(float(v), 4) for k, v in found.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k not in TIMING_KEYS}
-        metrics[f"v{version}"] = {**numeric, "gates_passed": int(gates.passed)}
+        metrics[f"v{version}"] = {**numeric, "gates_passed": int(gates["passed"])}
     _write_json(home / METRICS, metrics)
     return metrics
 

@@ -166,9 +166,9 @@ def record_attempt(paths: Paths, batch_ids: list[str], attempt: dict[str, Any]) 
 @task(name="record-release", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=_may_pass)
 def record_release(paths: Paths, version: int, parent: int | None, batches: list[str],
-                   passed: bool) -> None:
+                   passed: bool, built_with: dict[str, Any] | None = None) -> None:
     with Ledger(paths.ledger) as ledger:
-        ledger.add_release(version, parent, batches, passed)
+        ledger.add_release(version, parent, batches, passed, built_with)
 
 
 @task(name="track-data", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,

@@ -28,8 +28,8 @@ os.environ.update(OFFLINE_ENV)
 TEST_PARAMS = {
     "pretrain": {"epochs": 8},
     "unlearn": {"params": {"max_steps": 400},
-                "fallback": []},  # no escalation: a failing release stays failed (see
-    # tests/flows/test_escalation.py for the policy)
+                "fallback": [],  # no escalation: a failing release stays failed, and no
+                "consolidate_drop": 0.0},  # consolidation (tests/flows/test_escalation.py)
     "evaluate": {"mia_max_per_side": 200},
 }
 

@@ -22,7 +22,13 @@ from typing import Any
 
 from .errors import EXIT_FAILED, EXIT_OK, Failure, UsageError
 from .output import emit, finish, say
-from .runtime import context, refuse_if_damaged, require_dataset, run_flow
+from .runtime import (
+    context,
+    refuse_if_damaged,
+    require_dataset,
+    run_flow,
+    start_prefect_early,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,6 +118,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = cfg.with_overrides("pretrain", arch=args.model, epochs=args.epochs, seed=args.seed)
     except ParamsError as e:
         raise UsageError(str(e)) from None
+    start_prefect_early()
     require_dataset(cfg)
     _check_arch(cfg.pretrain.arch)
     from tasks.state_check import new_base_refusal
@@ -200,6 +207,7 @@ def _adopt_request(args: argparse.Namespace):
 def cmd_adopt(args: argparse.Namespace) -> int:
     paths, cfg = context()
     request = _adopt_request(args)
+    start_prefect_early()
     require_dataset(cfg)
     from flows.pipeline import adopt_flow
 
@@ -253,6 +261,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     paths, cfg = context()
+    start_prefect_early()
     refuse_if_damaged(paths, cfg, served=True)
     require_dataset(cfg)
     from flows.pipeline import process_deletions_flow
@@ -269,8 +278,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(_batch_line(b))
         if not result["batches"]:
             print("no pending batches")
+        for c in result.get("consolidations") or []:
+            print(consolidation_line(c))
         print(f"champion: version {result['champion']}")
     return EXIT_FAILED if rejected or result.get("status") != "ok" else EXIT_OK
+
+def consolidation_line(c: dict[str, Any]) -> str:
+    """One consolidation (``flows.pipeline._consolidate_if_due``) as the run reports it."""
+    head = (f"consolidated: version {c['version']}, an exact retrain of version "
+            f"{c['parent']}'s history ({c['reason']})")
+    if c["passed"]:
+        return f"{head}; test {c['test_acc']:.2f}%, the new base ({c['seconds']:.1f} s)"
+    return f"{head}; failed its gates ({', '.join(c['gates']['failures'])}), not promoted"
+
 
 def _batch_line(b: dict[str, Any]) -> str:
     attempts = b.get("attempts") or []
@@ -309,6 +329,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     paths, cfg = context(check_ledger=False)  # demo names a foreign state itself
+    start_prefect_early()
     require_dataset(cfg)
     from flows.demo import run_demo
 

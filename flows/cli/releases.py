@@ -9,7 +9,13 @@ from typing import Any
 from .arguments import version_number
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .output import emit, finish, table
-from .runtime import context, refuse_if_damaged, run_flow, warn_if_damaged
+from .runtime import (
+    context,
+    refuse_if_damaged,
+    run_flow,
+    start_prefect_early,
+    warn_if_damaged,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -126,6 +132,7 @@ def _age(age_days: float) -> str:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     paths, cfg = context()
+    start_prefect_early()
     refuse_if_damaged(paths, cfg, served=True)
     from flows.pipeline import retry_flow
 
@@ -140,14 +147,17 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if result.get("status") != "ok" or not result.get("batches"):
         return finish(result, False, f"{args.batch}: pending again (the next `unlearn run` "
                                      "applies it with the escalation policy)")
-    from .pipeline import _batch_line
+    from .pipeline import _batch_line, consolidation_line
 
     print(_batch_line(result["batches"][0]))
+    for c in result.get("consolidations") or []:
+        print(consolidation_line(c))
     print(f"champion: version {result['champion']}")
     return EXIT_FAILED if failed else EXIT_OK
 
 def cmd_promote(args: argparse.Namespace) -> int:
     paths, cfg = context()
+    start_prefect_early()
     refuse_if_damaged(paths, cfg, served=True)
     from flows.pipeline import promote_flow
 
@@ -157,6 +167,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     paths, cfg = context()
+    start_prefect_early()
     refuse_if_damaged(paths, cfg, served=True)
     from flows.pipeline import rollback_flow
 

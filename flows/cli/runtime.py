@@ -99,6 +99,53 @@ def temporary_server_dies_with_us() -> None:
     finally:
         prefect_server.subprocess = real
 
+_EARLY: dict[str, Any] = {}  # the background start of the temporary server: ready, error
+
+
+def start_prefect_early() -> None:
+    """Start Prefect's temporary server (``temporary_server_dies_with_us``) in a background
+    thread while the command goes on loading the stack, the dataset and checking the state:
+    the server's start-up (seconds, in its own process) overlaps that work instead of
+    preceding the flow. ``run_flow`` waits for it. The starting thread then stays alive for
+    the life of the process, because ``PR_SET_PDEATHSIG`` fires when the *thread* that
+    started the child exits. With PREFECT_API_URL set (or off Linux): nothing."""
+    if _EARLY or not sys.platform.startswith("linux"):
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    import threading
+
+    # imported here, before the thread: never two threads importing one package at once
+    import prefect.server.api.server  # noqa: F401
+
+    ready = threading.Event()
+
+    def start_and_stay() -> None:
+        try:
+            temporary_server_dies_with_us()
+        except Exception as e:  # noqa: BLE001  (run_flow tries again and reports it)
+            _EARLY["error"] = e
+        finally:
+            ready.set()
+        threading.Event().wait()  # the server is stopped when this process ends
+
+    _EARLY["ready"] = ready
+    threading.Thread(target=start_and_stay, name="prefect-temporary-server",
+                     daemon=True).start()
+
+
+def _await_prefect() -> None:
+    """The temporary server is up (or the API is elsewhere) before a flow runs."""
+    ready = _EARLY.get("ready")
+    if ready is not None:
+        ready.wait()
+        if "error" not in _EARLY:
+            return
+    temporary_server_dies_with_us()
+
+
 class _NoPrefectErrors:
     """A console-handler filter: Prefect's ERROR records (a task or flow run failed, with the
     traceback) stay off the terminal; the command prints the one-line error instead. The run
@@ -127,7 +174,7 @@ def run_flow(flow_fn, **kwargs: Any) -> dict[str, Any]:
     """Call a flow; an unexpected error becomes a one-line failure (Prefect keeps the
     traceback in the run's logs; the ledger left every unfinished batch pending)."""
     quiet_prefect_errors()
-    temporary_server_dies_with_us()
+    _await_prefect()
     try:
         return flow_fn(**kwargs)
     except (UsageError, Failure):

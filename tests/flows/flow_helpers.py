@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,8 @@ import pytest
 
 from flows.cli import main
 from tasks.paths import Paths
+
+BIN = Path(sys.executable).parent
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -27,6 +32,15 @@ def cli_json(*args: str) -> tuple[int, Any]:
     rc, out, err = cli(*args, "--json")
     assert out.strip(), err
     return rc, json.loads(out)
+
+
+def dvc(home: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real `dvc` CLI in ``home``; the venv's python first on PATH for the stage commands."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1"}
+    env.pop("UNLEARN_HOME", None)  # the stages use the project root they run in
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=home, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def last_line(text: str) -> str:

@@ -5,10 +5,11 @@ last resort."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from flow_helpers import cli, cli_json
+from flow_helpers import cli, cli_json, dvc
 
 from tasks.params import ParamsError, parse_params
 
@@ -25,8 +26,9 @@ def _manifest(root: Path, ids: list[int], objective: str = "misclassify",
 
 def _state(monkeypatch, tmp_path: Path, write_params, **unlearn) -> Path:
     monkeypatch.setenv("UNLEARN_HOME", str(tmp_path))
-    write_params(tmp_path, unlearn={"params": {"max_steps": 1}, **unlearn})
-    assert cli("pretrain", "--epochs", "4")[0] == 0
+    write_params(tmp_path, pretrain={"epochs": 4},  # in params.yaml: `dvc repro` reads it
+                 unlearn={"params": {"max_steps": 1}, **unlearn})
+    assert cli("pretrain")[0] == 0
     return tmp_path
 
 
@@ -80,6 +82,14 @@ def test_a_failing_release_is_escalated_in_the_same_run(tmp_path, monkeypatch, w
 
     rc, out, err = cli("verify", "3")  # rebuilt with the policy's entry it was released by
     assert rc == 0 and "reproduced" in out, out + err
+    order = json.loads((root / "data" / "releases.json").read_text())["releases"]
+    assert [(r["version"], r.get("method"), r.get("params")) for r in order] == [
+        (1, None, None), (2, "l2ul", {"max_steps": 1}), (3, "l2ul", {"max_steps": 400})]
+    done = dvc(root, "repro")  # the file-to-file path rebuilds each attempt as it was built
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rebuilt = json.loads((root / "artifacts/releases/hashes.json").read_text())["releases"]
+    assert {int(v): r["weights_sha256"] for v, r in rebuilt.items()} == {
+        v: d["lineage"]["weights_sha256"] for v, d in versions.items()}
 
     # the guard still refuses versions without the deletion, the failed attempt included
     assert cli("rollback", "--to", "1")[0] == 1
@@ -173,8 +183,10 @@ def test_the_policy_is_validated(fallback, message):
 def test_a_bad_policy_is_exit_2(home):
     text = home.params_file.read_text() + "\n"
     home.params_file.write_text(text.replace("fallback: []", "fallback: [{method: nope}]"))
-    rc, _, err = cli("requests")
+    rc, _, err = cli("run")
     assert rc == 2 and "fallback[0].method" in err and len(err.strip().splitlines()) == 1
+    # a listing runs no method: it answers (without loading the methods' registry)
+    assert cli("requests")[0] == 0
 
 
 def test_the_plan_follows_the_policy():

@@ -8,31 +8,16 @@ demo story (with a multi-batch replay and a push to the local remote) is marked 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from flow_helpers import cli, cli_json, last_line
+from flow_helpers import cli, cli_json, dvc, last_line
 
 from tasks.paths import Paths
 
 pytestmark = pytest.mark.flow
-
-BIN = Path(sys.executable).parent
-
-
-def dvc(home: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real `dvc` CLI in ``home``; the venv's python first on PATH for the stage commands."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1"}
-    env.pop("UNLEARN_HOME", None)  # the stages use the project root they run in
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=home, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
-
 
 def registry_hashes(versions: list[dict[str, Any]]) -> dict[str, str]:
     return {str(v["version"]): v["lineage"]["weights_sha256"] for v in versions}
