@@ -180,8 +180,13 @@ def run_flow(flow_fn, **kwargs: Any) -> dict[str, Any]:
     except (UsageError, Failure):
         raise
     except Exception as e:  # noqa: BLE001  (any crash: one line; Prefect logged it)
-        raise Failure(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                      "(nothing half-applied: unfinished batches stay pending)") from None
+        from tasks.outage import outage
+
+        down = outage(e)  # a service gone (tracking server, PostgreSQL): said as such
+        what = down or f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        after = "; retry when it is back" if down else ""
+        raise Failure(f"{what} (nothing half-applied: unfinished batches stay "
+                      f"pending{after})") from None
 
 def refuse_if_damaged(paths, cfg, served: bool = False, snapshot: bool = False) -> None:
     """Commands that would change the state (and those whose answer comes from the ledger)
