@@ -36,7 +36,8 @@ def stack():
         yield handle
     finally:
         pids = handle.state().get("services", {}) if (folder / "pids.json").exists() else {}
-        down = subprocess.run([*STACK, "down", "--dir", str(folder)], capture_output=True, check=False,
+        down = subprocess.run([*STACK, "down", "--dir", str(folder)],
+                              capture_output=True, check=False,
                               text=True, timeout=300)
         left = [f"{name} {info['pid']}" for name, info in pids.items()
                 if running(info["pid"])]

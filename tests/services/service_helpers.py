@@ -30,7 +30,8 @@ class StackHandle:
     startup_s: float
 
     def command(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        res = subprocess.run([*STACK, *args, "--dir", str(self.dir)], capture_output=True, check=False,
+        res = subprocess.run([*STACK, *args, "--dir", str(self.dir)],
+                             capture_output=True, check=False,
                              text=True, timeout=timeout)
         assert res.returncode == 0, f"stack.py {' '.join(args)}: {res.stderr or res.stdout}"
         return res
@@ -69,7 +70,8 @@ class ServiceHome:
 
     def unlearn(self, *args: str, timeout: float = 600, **extra: str
                 ) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "unlearn"), *args], capture_output=True, check=False, text=True,
+        return subprocess.run([str(BIN / "unlearn"), *args],
+                              capture_output=True, check=False, text=True,
                               env={**self.env, **extra}, cwd=self.home, timeout=timeout)
 
     def ok(self, *args: str, **extra: str) -> str:

@@ -56,7 +56,9 @@ def test_tracking_server_and_postgres_die_mid_run(service_home, stack, tmp_path)
         res = run_and_kill(h, stack, service, tmp_path / f"gate-{service}")
         assert res.returncode == 1, (service, res.returncode, res.stderr[-2000:])
         last = res.stderr.strip().splitlines()[-1]
-        assert last.startswith("unlearn run: failed: ") and "stay pending" in last, last
+        assert last.startswith("unlearn run: failed: the MLflow tracking server http://"), last
+        assert ("connection refused" if service == "mlflow" else "HTTP 503") in last, last
+        assert "stay pending; retry when it is back" in last, last
         print(f"\n{service} killed mid-run: {last}")
         stack.command("restart", service)
         assert h.ledger_rows("SELECT state FROM batches") == [("pending",)], service

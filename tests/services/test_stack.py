@@ -24,7 +24,8 @@ def git(cwd: Path, *args: str) -> None:
 
 
 def dvc(h: ServiceHome, cwd: Path, *args: str) -> str:
-    res = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=h.env, capture_output=True, check=False,
+    res = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=h.env,
+                         capture_output=True, check=False,
                          text=True, timeout=300)
     assert res.returncode == 0, f"dvc {' '.join(args)}: {res.stderr.strip()[-1500:]}"
     return res.stdout
@@ -95,7 +96,8 @@ def test_pipeline_on_tracking_server_postgres_ledger_and_s3(service_home, stack)
         v = mlflow.MlflowClient().get_model_version_by_alias("forget-classifier", "champion")
         print(v.version, acc)
     """)
-    res = subprocess.run([sys.executable, "-c", code], env=plain, capture_output=True, check=False, text=True,
+    res = subprocess.run([sys.executable, "-c", code], env=plain,
+                         capture_output=True, check=False, text=True,
                          cwd="/", timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     version, acc = res.stdout.split()[-2:]
@@ -183,7 +185,8 @@ def test_workers_release_each_batch_once_and_survive_a_killed_worker(service_hom
         print(f.deploy(name="every-5s", work_pool_name={pool!r}, interval=5,
                        parameters={{"home": {str(h.home)!r}}}, print_next_steps=False))
     """)
-    res = subprocess.run([sys.executable, "-c", deploy], env=h.env, capture_output=True, check=False,
+    res = subprocess.run([sys.executable, "-c", deploy], env=h.env,
+                         capture_output=True, check=False,
                          text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -212,7 +215,8 @@ def test_workers_release_each_batch_once_and_survive_a_killed_worker(service_hom
             for _ in range(3):
                 run_deployment("process-deletions/every-5s", timeout=0)
         """)
-        res = subprocess.run([sys.executable, "-c", race], env=h.env, capture_output=True, check=False,
+        res = subprocess.run([sys.executable, "-c", race], env=h.env,
+                             capture_output=True, check=False,
                              text=True, timeout=300, cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-2000:]
 
