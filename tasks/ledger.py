@@ -77,8 +77,10 @@ CREATE TABLE IF NOT EXISTS promotions (
 PG_SCHEMA = (SCHEMA.replace("REAL", "DOUBLE PRECISION")
              .replace("seq      INTEGER PRIMARY KEY AUTOINCREMENT", "seq      BIGSERIAL PRIMARY KEY"))
 LEDGER_URL_ENV = "UNLEARN_LEDGER_URL"
-WRITE_LOCK_KEY = 0x756E6C6561726E01  # advisory lock keys: "unlearn" + 1 (writes), + 2 (runs)
+# advisory lock keys: "unlearn" + 1 (ledger writes), + 2 (pipeline runs), + 3 (submits)
+WRITE_LOCK_KEY = 0x756E6C6561726E01
 RUN_LOCK_KEY = 0x756E6C6561726E02
+SUBMIT_LOCK_KEY = 0x756E6C6561726E03
 
 
 def ledger_url() -> str | None:

@@ -52,21 +52,40 @@ def pipeline_lock(paths, wait: bool = False) -> Iterator[bool]:
     that database too, which holds across hosts that share no filesystem. PostgreSQL drops
     it when the holder's connection ends (its process died, or its host went away). Yields
     False if ``wait`` is off and someone holds either."""
-    from .ledger import RUN_LOCK_KEY, LedgerError, ledger_url, pg_connect, redact
+    from .ledger import RUN_LOCK_KEY
+
+    with _shared_lock(paths.lock, RUN_LOCK_KEY, "pipeline-lock", wait) as got:
+        yield got
+
+
+@contextmanager
+def submit_lock(paths) -> Iterator[None]:
+    """One submit at a time per state (batch numbers are handed out under it): the ``flock``
+    on ``artifacts/submit.lock`` and, with the ledger on PostgreSQL, an advisory lock there
+    (waited for, like the file lock)."""
+    from .ledger import SUBMIT_LOCK_KEY
+
+    with _shared_lock(paths.artifacts / "submit.lock", SUBMIT_LOCK_KEY, "submit-lock", True):
+        yield
+
+
+@contextmanager
+def _shared_lock(path: Path, key: int, purpose: str, wait: bool) -> Iterator[bool]:
+    from .ledger import LedgerError, ledger_url, pg_connect, redact
 
     url = ledger_url()
-    with file_lock(paths.lock, wait=wait) as got:
+    with file_lock(path, wait=wait) as got:
         if not got or url is None:
             yield got
             return
         try:
-            conn = pg_connect(url, purpose="pipeline-lock")
+            conn = pg_connect(url, purpose=purpose)
         except Exception as e:  # noqa: BLE001  (psycopg's connection errors)
-            raise LedgerError(f"cannot take the pipeline lock in {redact(url)}: "
+            raise LedgerError(f"cannot take the {purpose.replace('-', ' ')} in {redact(url)}: "
                               f"{str(e).strip().splitlines()[0] if str(e) else e}") from None
         try:
             fn = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
-            got = conn.execute(f"SELECT {fn}(%s)", (RUN_LOCK_KEY,)).fetchone()[0] is not False
+            got = conn.execute(f"SELECT {fn}(%s)", (key,)).fetchone()[0] is not False
             yield got
         finally:
             conn.close()  # ends the session: the lock goes with it

@@ -34,7 +34,7 @@ from typing import Any
 
 from .escalation import attempt_of
 from .ledger import Ledger, LedgerError, ledger_present, ledger_url
-from .locks import file_lock, pipeline_lock, pipeline_lock_holder
+from .locks import pipeline_lock, pipeline_lock_holder, submit_lock
 from .params import PipelineParams
 from .paths import Paths
 from .state_check import (
@@ -434,7 +434,7 @@ def repair(paths: Paths, cfg: PipelineParams) -> dict[str, Any]:
         if ledger_present(paths.ledger):
             with contextlib.suppress(LedgerError):  # a damaged ledger: rebuilt below
                 finish_interrupted_submits(paths, cfg)
-        with file_lock(paths.artifacts / "submit.lock"):
+        with submit_lock(paths):
             before = check_state(paths, cfg, served=True, heal=False, thorough=True)
             result: dict[str, Any] = {
                 "status": "ok", "restored": [], "lost": [],

@@ -18,7 +18,7 @@ from typing import Any
 from .datastore import DataTrackingError, track
 from .faults import fault
 from .ledger import Ledger
-from .locks import file_lock
+from .locks import submit_lock
 from .params import PipelineParams
 from .paths import Paths
 from .release import dataset_of, read_rows, write_manifest
@@ -102,7 +102,7 @@ def finish_interrupted_submits(paths: Paths, cfg: PipelineParams | None = None) 
     folder = paths.incoming
     if not folder.is_dir() or not any(folder.glob("*.csv")):
         return []
-    with file_lock(paths.artifacts / "submit.lock"), Ledger(paths.ledger) as ledger:
+    with submit_lock(paths), Ledger(paths.ledger) as ledger:
         done = _finish_staged(paths, ledger)
     if done and cfg is not None:
         try:
@@ -124,7 +124,7 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
     raw = parse_manifest(blob, manifest)
     digest = hashlib.sha256(blob).hexdigest()
     keys = dataset_of(cfg).key_ids  # a keyed manifest's ids: its keys' positions
-    with file_lock(paths.artifacts / "submit.lock"), Ledger(paths.ledger) as ledger:
+    with submit_lock(paths), Ledger(paths.ledger) as ledger:
         _finish_staged(paths, ledger)
         same = ledger.same_batch(typed_rows(raw, keys))
         if same is not None:
