@@ -50,10 +50,53 @@ def released_once(h: ServiceHome) -> None:
     assert last[0] == champion == max(v for _, _, v in batches)
 
 
+def champion_over_http(h: ServiceHome, stack, version: int) -> None:
+    """A plain MLflow client, HTTP only (no S3 credentials: the server serves the
+    artifacts), loads the champion by alias and predicts digits."""
+    plain = {k: v for k, v in os.environ.items()
+             if not k.startswith(("AWS_", "UNLEARN_", "MLFLOW_S3"))}
+    plain["MLFLOW_TRACKING_URI"] = stack.env["MLFLOW_TRACKING_URI"]
+    code = textwrap.dedent(f"""
+        import mlflow, mlflow.pytorch, torch
+        from sklearn.datasets import load_digits
+        model = mlflow.pytorch.load_model("models:/{h.model}@champion")
+        d = load_digits()
+        x = torch.tensor(d.images[-200:] / 16.0, dtype=torch.float32).unsqueeze(1)
+        acc = (model(x).argmax(1).numpy() == d.target[-200:]).mean()
+        v = mlflow.MlflowClient().get_model_version_by_alias("{h.model}", "champion")
+        print(v.version, acc)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], env=plain,
+                         capture_output=True, check=False, text=True,
+                         cwd="/", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got, acc = res.stdout.split()[-2:]
+    assert got == str(version) and float(acc) > 0.8, res.stdout
+
+
+def clone_reproduces(h: ServiceHome, stack, releases: int) -> None:
+    """``data/`` pushed to the S3 remote; a fresh clone pulls it and ``unlearn verify --all``
+    there (the registry and the ledger are the shared services) rebuilds every release."""
+    remote = f"{stack.env['UNLEARN_DVC_REMOTE_URL']}/{h.home.name}"
+    dvc(h, h.home, "remote", "add", "-d", "-f", "s3", remote)
+    dvc(h, h.home, "remote", "modify", "s3", "endpointurl", stack.env["AWS_ENDPOINT_URL"])
+    dvc(h, h.home, "push")
+    git(h.home, "add", "-A")
+    git(h.home, "commit", "-q", "-m", "state")
+    clone = h.home.parent / f"{h.home.name}-clone"
+    git(h.home.parent, "clone", "-q", str(h.home), str(clone))
+    assert not (clone / "data").exists()
+    dvc(h, clone, "pull", "data.dvc")  # (the dvc.yaml stages have not run: no outputs)
+    assert (clone / "data" / "releases.json").is_file()
+    res = h.unlearn("verify", "--all", UNLEARN_HOME=str(clone))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"{releases} release(s) reproduced" in res.stdout, res.stdout
+
+
 def test_pipeline_on_tracking_server_postgres_ledger_and_s3(service_home, stack):
-    h = service_home("main", model="forget-classifier")  # the name consumers load
-    git(h.home, "init", "-q")
-    (h.home / ".gitignore").write_text("/artifacts/\n/*.csv\n/*.html\n")
+    """Every command, as a real process, against the tracking server and the PostgreSQL
+    ledger."""
+    h = service_home("main")
 
     h.ok("pretrain")
     assert not (h.home / "mlruns").exists()  # nothing in the local store: all on the server
@@ -82,43 +125,6 @@ def test_pipeline_on_tracking_server_postgres_ledger_and_s3(service_home, stack)
     assert "3 release(s) reproduced" in h.ok("verify", "--all")
     released_once(h)
 
-    # a plain MLflow client, HTTP only (no S3 credentials: the server serves the artifacts)
-    plain = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "UNLEARN_",
-                                                                      "MLFLOW_S3"))}
-    plain["MLFLOW_TRACKING_URI"] = stack.env["MLFLOW_TRACKING_URI"]
-    code = textwrap.dedent("""
-        import mlflow, mlflow.pytorch, torch
-        from sklearn.datasets import load_digits
-        model = mlflow.pytorch.load_model("models:/forget-classifier@champion")
-        d = load_digits()
-        x = torch.tensor(d.images[-200:] / 16.0, dtype=torch.float32).unsqueeze(1)
-        acc = (model(x).argmax(1).numpy() == d.target[-200:]).mean()
-        v = mlflow.MlflowClient().get_model_version_by_alias("forget-classifier", "champion")
-        print(v.version, acc)
-    """)
-    res = subprocess.run([sys.executable, "-c", code], env=plain,
-                         capture_output=True, check=False, text=True,
-                         cwd="/", timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    version, acc = res.stdout.split()[-2:]
-    assert version == "3" and float(acc) > 0.8, res.stdout
-
-    # DVC: data/ to an S3 remote; a fresh clone pulls it and rebuilds every release
-    remote = f"{stack.env['UNLEARN_DVC_REMOTE_URL']}/main"
-    dvc(h, h.home, "remote", "add", "-d", "-f", "s3", remote)
-    dvc(h, h.home, "remote", "modify", "s3", "endpointurl", stack.env["AWS_ENDPOINT_URL"])
-    dvc(h, h.home, "push")
-    git(h.home, "add", "-A")
-    git(h.home, "commit", "-q", "-m", "state")
-    clone = h.home.parent / "main-clone"
-    git(h.home.parent, "clone", "-q", str(h.home), str(clone))
-    assert not (clone / "data").exists()
-    dvc(h, clone, "pull", "data.dvc")  # (the dvc.yaml stages have not run: no outputs)
-    assert (clone / "data" / "releases.json").is_file()
-    res = h.unlearn("verify", "--all", UNLEARN_HOME=str(clone))
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "3 release(s) reproduced" in res.stdout, res.stdout
-
 
 WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
 
@@ -129,8 +135,9 @@ def start_worker(h: ServiceHome, pool: str, name: str, folder: Path,
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / "worker.log", "wb")  # noqa: SIM115
     env = {**h.env, **WORKER_ENV, "PREFECT_HOME": str(folder / ".prefect"), **extra}
+    # --limit 1: one flow run at a time per worker (two hosts still race each other)
     proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool,
-                             "--name", name], cwd=folder, env=env, stdout=log,
+                             "--name", name, "--limit", "1"], cwd=folder, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     return proc
@@ -159,12 +166,16 @@ def wait_for(check, timeout: float, what: str, logs: list[Path]) -> None:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tails}")
 
 
-def test_workers_release_each_batch_once_and_survive_a_killed_worker(service_home, tmp_path):
+def test_workers_release_each_batch_once_and_survive_a_killed_worker(service_home, stack,
+                                                                    tmp_path):
     """An interval deployment on a process work pool; worker 1 takes the first run and dies
     (SIGKILL, with its flow run) while the batch is in MLflow; workers 2 and 3, in folders of
     their own, race on the same pending batches (extra runs started at once) and release
-    each batch exactly once."""
-    h = service_home("workers")
+    each batch exactly once. Then a plain MLflow client loads the champion over HTTP, and a
+    fresh clone that pulled data/ from the S3 remote reproduces every release."""
+    h = service_home("workers", model="forget-classifier")  # the name consumers load
+    git(h.home, "init", "-q")  # (a repository to clone, below)
+    (h.home / ".gitignore").write_text("/artifacts/\n/*.csv\n")
     h.ok("pretrain")
     h.ok("submit", str(h.manifest("w1", [("w-r1", 5), ("w-r2", 12)])))
     h.ok("submit", str(h.manifest("w2", [("w-r3", 21), ("w-r4", 40)])))
@@ -212,7 +223,7 @@ def test_workers_release_each_batch_once_and_survive_a_killed_worker(service_hom
         workers += [start_worker(h, pool, f"host-{i}", tmp_path / f"host-{i}") for i in (2, 3)]
         race = textwrap.dedent("""
             from prefect.deployments import run_deployment
-            for _ in range(3):
+            for _ in range(2):
                 run_deployment("process-deletions/every-5s", timeout=0)
         """)
         res = subprocess.run([sys.executable, "-c", race], env=h.env,
@@ -229,6 +240,8 @@ def test_workers_release_each_batch_once_and_survive_a_killed_worker(service_hom
             kill_group(w, signal.SIGTERM)
     released_once(h)
     assert len(registry_versions(h)) == 3  # the killed run registered nothing
+    champion_over_http(h, stack, 3)
+    clone_reproduces(h, stack, 3)
 
 
 def test_pipeline_lock_holds_across_hosts_without_a_shared_filesystem(stack, tmp_path,
