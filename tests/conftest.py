@@ -16,7 +16,9 @@ import yaml
 # throwaway folder, never ~/.prefect, and nothing calls home.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="unlearn-tests-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
-for _key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "UNLEARN_HOME", "UNLEARN_PARAMS"):
+# (a shell that sourced .stack.env points nothing here at the stack: tests/services does that)
+for _key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "UNLEARN_HOME", "UNLEARN_PARAMS",
+             "UNLEARN_LEDGER_URL"):
     os.environ.pop(_key, None)
 
 # imported only now: the environment above must be in place first
