@@ -1,7 +1,8 @@
 """Where the wall time of a deletion batch goes, and how fast the interactive commands answer.
 
-In a fresh state folder (a copy of the project's params.yaml: the embedded digits data), the
-script runs the real CLI, one process per command, as an operator would: ``unlearn pretrain``,
+In a fresh state folder (the project's params.yaml, the embedded digits data, consolidation
+switched off so that every run is one batch; the escalation policy stays on), the script
+runs the real CLI, one process per command, as an operator would: ``unlearn pretrain``,
 then ``--batches`` rounds of ``unlearn submit`` (a manifest of ``--k`` misclassify rows never
 used before) and ``unlearn run --json``. For each run it records the process's wall time and
 splits it into the unlearning step (the method's own seconds, every attempt, from the run's
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 UNLEARN = [sys.executable, "-m", "flows"]
@@ -78,7 +81,10 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="orchestration-"))
     try:
-        shutil.copy(ROOT / "params.yaml", home / "params.yaml")
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        # one batch per run: no consolidation (a retrain) inside the measured runs
+        params["unlearn"].update(consolidate_every=0, consolidate_drop=0.0)
+        (home / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         pretrain_s, _ = command(home, "pretrain")
         runs, request = [], None
         for b in range(args.batches):
@@ -131,21 +137,21 @@ def main() -> None:
 
 def render(r: dict) -> str:
     lines = [f"# Orchestration: one k = {r['k']} batch per `unlearn run` on {r['dataset']}", "",
-             f"{r['batches']} batches, one process per command, Prefect's temporary local "
-             f"server, {r['machine']['cpus']} CPUs. `unlearn` = the project's CLI.", "",
-             "Everything else = the process around the flow (interpreter, imports, Prefect's "
+             (f"{r['batches']} batches, one process per command, Prefect's temporary local "
+             f"server, {r['machine']['cpus']} CPUs. `unlearn` = the project's CLI."), "",
+             ("Everything else = the process around the flow (interpreter, imports, Prefect's "
              "server, the state checks) + the batch's other steps in the flow (validation, "
-             "evaluation, gates, registration, DVC).", "",
-             "| batch | `run` wall s | unlearning s | everything else s | of it: process s "
-             "| of it: other steps s | else share | method |",
+             "evaluation, gates, registration, DVC)."), "",
+             ("| batch | `run` wall s | unlearning s | everything else s | of it: process s "
+             "| of it: other steps s | else share | method |"),
              "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["runs"]:
         lines.append(f"| {x['batch']} | {x['run_s']:.1f} | {x['unlearn_s']:.1f} | "
                      f"{x['rest_s']:.1f} | {x['start_s']:.1f} | {x['in_flow_rest_s']:.1f} | "
                      f"{100 * x['rest_share']:.0f}% | {x['method']} |")
-    lines += ["", f"Median `run`: {r['median_run_s']:.1f} s, of which unlearning "
+    lines += ["", (f"Median `run`: {r['median_run_s']:.1f} s, of which unlearning "
               f"{r['median_unlearn_s']:.1f} s; everything else "
-              f"{100 * r['median_rest_share']:.0f}% of the wall time.", "",
+              f"{100 * r['median_rest_share']:.0f}% of the wall time."), "",
               f"Interactive commands with {r['releases']} releases registered:", "",
               "| command | median s | max s | runs |", "|---|---:|---:|---:|"]
     for x in r["interactive"]:
