@@ -4,7 +4,8 @@
     python stack/stack.py up     [--dir .stack] [--env-file .stack.env]
     python stack/stack.py status [--dir .stack]
     python stack/stack.py down   [--dir .stack]
-    python stack/stack.py restart SERVICE [--dir .stack]   # postgres | s3 | mlflow | prefect
+    python stack/stack.py restart|kill SERVICE [--dir .stack]   # postgres | s3 | mlflow | prefect
+    python stack/stack.py env    [--dir .stack]   # the export lines again
 
 ``up`` starts every server on 127.0.0.1 on a free port, waits until each answers, and writes
 the env file: shell ``export`` lines (``MLFLOW_TRACKING_URI``, ``PREFECT_API_URL``,
@@ -20,7 +21,11 @@ recorded in ``DIR/pids.json``, then their process groups) and checks that none i
   buckets ``unlearn-mlflow`` (the tracking server's ``--artifacts-destination``) and
   ``unlearn-dvc`` (a DVC remote).
 - ``mlflow server`` serves the artifacts itself (clients need only HTTP, no S3 credentials).
-- ``prefect server start``, its database under ``DIR/prefect``.
+- ``prefect server start``, its database under ``DIR/prefect``; its scheduler looks for due
+  runs every ``UNLEARN_STACK_SCHEDULER_SECONDS`` (default 5; Prefect's own default is 60).
+
+``UNLEARN_STACK_TIMEOUT`` (default 240 s) bounds the wait for each server. ``kill`` (SIGKILL
+to a service's process group) and ``restart`` (on the same port) are for fault tests.
 
 Standard library only (plus psycopg and boto3 from the ``services`` extra, imported late), so
 it runs under the project's venv: ``.venv/bin/python stack/stack.py up``.
