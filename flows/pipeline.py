@@ -268,9 +268,9 @@ def _batch_tags(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch
 def _register(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
               candidate: dict[str, Any], metrics: dict[str, Any], gates: dict[str, Any],
               run_name: str, extra_tags: dict[str, Any] | None = None,
-              built_with: escalation.Attempt | None = None) -> int:
+              built_with: dict[str, Any] | None = None) -> int:
     """Register a candidate as a version and publish it (``_publish``). ``built_with``: the
-    method and params that built it (default: ``cfg``'s ``unlearn.method`` and params)."""
+    method and params that built it (``_built``; default: ``cfg``'s primary method)."""
     folder = Path(candidate["path"]).parent
     params = {**cfg.flat(), "batch_ids": ",".join(batches), "parent_version": parent["version"]}
     artifacts = {
@@ -283,16 +283,23 @@ def _register(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches
         metrics={**metrics, "gates_passed": float(gates["passed"])}, params=params,
         artifacts=artifacts, input_example=release.dataset_of(cfg).test_x[:4].numpy())
     return _publish(paths, cfg, version, parent["version"], batches, gates["passed"],
-                    built_with or escalation.primary(cfg))
+                    built_with or _built(escalation.primary(cfg)))
+
+
+def _built(attempt: escalation.Attempt, steps: list[dict[str, Any]] | None = None
+           ) -> dict[str, Any]:
+    """What the ledger and data/releases.json record as a release's ``built_with``: its
+    method and params, and for a replay applied with several attempts, one per batch."""
+    return {"method": attempt.method, "params": attempt.params,
+            **({"steps": steps} if steps else {})}
 
 
 def _publish(paths: Paths, cfg: PipelineParams, version: int, parent: int, batches: list[str],
-             passed: bool, built_with: escalation.Attempt) -> int:
+             passed: bool, built_with: dict[str, Any]) -> int:
     """A registered version into the ledger (with the method and params that built it),
     data/ and (if it passed) the candidate alias. Every step is idempotent: a resumed run
     repeats them for a version it adopts."""
-    record_release(paths, version, parent, batches, passed,
-                   {"method": built_with.method, "params": built_with.params})
+    record_release(paths, version, parent, batches, passed, built_with)
     fault("after:record_release")
     track_data(paths, cfg, version)  # data/releases.json, data.dvc -> data_rev
     mark_candidate(paths, cfg, version, passed)
@@ -451,7 +458,7 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
     adopted = _adopt(paths, cfg, client, batch_id, champion, attempt, folder)
     if adopted is not None:  # registered before a crash: finish it, never register it twice
         version, metrics, gates = adopted
-        _publish(paths, cfg, version, champion, [batch_id], gates["passed"], attempt)
+        _publish(paths, cfg, version, champion, [batch_id], gates["passed"], _built(attempt))
         number = int(registry.version_info(client, cfg.registry.model_name, version)
                      .tags.get("attempt") or 1)
         return {**base, "attempt": number, "version": version, "metrics": metrics,
@@ -486,7 +493,7 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
     version = _register(paths, acfg if not attempt.exact else cfg, parent, [batch_id],
                         candidate, metrics, gates, run_name=f"unlearn-{batch_id}"
                         + ("" if number == 1 else f"-attempt-{number}"), extra_tags=extra,
-                        built_with=attempt)
+                        built_with=_built(attempt))
     return {**base, "attempt": number, "version": version, "metrics": metrics,
             "gates": gates, "seconds": candidate["seconds"], "resumed": False}
 
@@ -561,7 +568,8 @@ def _consolidate_if_due(paths: Paths, cfg: PipelineParams, client) -> list[dict[
         gates = {"passed": passed, "failures": [g for g in found.tags.get(
             "gate_failures", "").split(",") if g]}
         metrics = dict(client.get_run(found.run_id).data.metrics)
-        _publish(paths, cfg, version, champion, [], passed, escalation.Attempt(EXACT_RETRAIN))
+        _publish(paths, cfg, version, champion, [], passed,
+                 _built(escalation.Attempt(EXACT_RETRAIN)))
     else:
         fault("in:consolidate")
         parent = fetch_model(paths, cfg, champion)
@@ -579,7 +587,7 @@ def _consolidate_if_due(paths: Paths, cfg: PipelineParams, client) -> list[dict[
                  "consolidated_rows": str(drift.rows), "consolidated_from": str(drift.base)}
         version = _register(paths, cfg, parent, [], candidate, metrics, gates,
                             run_name=f"consolidate-v{champion}", extra_tags=extra,
-                            built_with=escalation.Attempt(EXACT_RETRAIN))
+                            built_with=_built(escalation.Attempt(EXACT_RETRAIN)))
         passed = gates["passed"]
     if passed:
         _set_champion(paths, cfg, version, "consolidate", note=why)
@@ -724,7 +732,11 @@ def _adopt_replay(paths: Paths, cfg: PipelineParams, target: int,
             continue
         version, _, gates = adopted
         passed = gates["passed"] and n == len(missing)
-        _publish(paths, cfg, version, target, missing[:n], passed, escalation.primary(cfg))
+        tags = registry.version_info(client, cfg.registry.model_name, version).tags
+        steps = escalation.replay_steps(cfg, tags, missing[:n])
+        built = (_built(steps[-1], [_built(a) for a in steps]) if steps
+                 else _built(escalation.primary(cfg)))
+        _publish(paths, cfg, version, target, missing[:n], passed, built)
         return {"version": version, "passed": passed, "steps": [], "resumed": True,
                 "gates": {**gates, "passed": passed}}
     return None
@@ -768,13 +780,29 @@ def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) 
         earlier = ledger.covered_batches(target)
     client = registry.connect(paths, cfg)
     current, steps = base, list[dict[str, Any]]()
+    primary = escalation.primary(cfg)
     for batch_id in missing:
-        out = paths.artifacts / "replay" / f"from-v{target}" / batch_id / "candidate.pt"
-        candidate = run_unlearning(paths, cfg, current, batch_id, earlier, out)
-        metrics = evaluate_model(paths, cfg, current, candidate, batch_id, earlier)
-        metrics.update(cumulative_drop(paths, cfg, client, target, metrics))
-        gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
-        steps.append({"batch_id": batch_id, "gates": gates, "metrics": metrics})
+        objectives = {r["objective"] for r in release.read_rows(paths.manifest(batch_id))}
+        for attempt in escalation.plan(cfg, objectives):  # the policy, as for a new batch
+            folder = paths.artifacts / "replay" / f"from-v{target}" / batch_id
+            out = (folder if attempt == primary else folder / f"attempt-{attempt.key[:8]}") \
+                / "candidate.pt"
+            if attempt.exact:
+                candidate = retrain_exact_model(paths, cfg, current, [*earlier, batch_id], out)
+            else:
+                candidate = run_unlearning(paths, escalation.attempt_params(cfg, attempt),
+                                           current, batch_id, earlier, out)
+            metrics = evaluate_model(paths, cfg, current, candidate, batch_id, earlier)
+            metrics.update(cumulative_drop(paths, cfg, client, target, metrics))
+            if attempt.exact:
+                gates = escalation.exact_gates(metrics, cfg.gates)
+                out.with_name("gates.json").write_text(json.dumps(gates, indent=2))
+            else:
+                gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
+            if gates["passed"]:
+                break
+        steps.append({"batch_id": batch_id, "gates": gates, "metrics": metrics,
+                      "method": attempt.method, "params": attempt.params})
         earlier = earlier + [batch_id]
         current = {**candidate, "version": None, "tags": base["tags"]}
         if not gates["passed"]:
@@ -782,8 +810,15 @@ def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) 
     passed = all(s["gates"]["passed"] for s in steps) and len(steps) == len(missing)
     gates = {**steps[-1]["gates"], "passed": passed,
              "failures": sorted({f for s in steps for f in s["gates"]["failures"]})}
+    used = [escalation.Attempt(s["method"], s["params"]) for s in steps]
+    extra, built = {}, _built(primary)
+    if any(a != primary for a in used):  # `unlearn verify` and `dvc repro` follow each step
+        records = [_built(a) for a in used]
+        extra = {"replay_steps": json.dumps(records, sort_keys=True), "method": used[-1].method}
+        built = _built(used[-1], records)
     version = _register(paths, cfg, base, missing[: len(steps)], current, steps[-1]["metrics"],
-                        gates, run_name=f"replay-onto-v{target}")
+                        gates, run_name=f"replay-onto-v{target}", extra_tags=extra,
+                        built_with=built)
     return {"version": version, "passed": passed, "steps": steps, "gates": gates}
 
 

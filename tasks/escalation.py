@@ -93,6 +93,41 @@ def attempt_of(cfg: PipelineParams, tags: dict[str, str]) -> Attempt:
     return primary(cfg)
 
 
+def replay_steps(cfg: PipelineParams, tags: dict[str, str],
+                 batches: list[str]) -> list[Attempt] | None:
+    """The attempt each batch of a ``rollback --reapply`` replay was applied with, from the
+    version's ``replay_steps`` tag (None when the version has none: one attempt for all)."""
+    if "replay_steps" not in tags:
+        return None
+    steps = [Attempt(s["method"], dict(s.get("params") or {}))
+             for s in json.loads(tags["replay_steps"])]
+    if len(steps) != len(batches):
+        raise ValueError(f"replay_steps names {len(steps)} attempt(s) for {len(batches)} "
+                         "batch(es)")
+    return steps
+
+
+def rebuild_steps(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
+                  attempts: list[Attempt], earlier: list[str], folder: Path,
+                  progress=None) -> dict[str, Any]:
+    """``release.rebuild_release`` with an attempt per batch (a replay the escalation policy
+    completed): each step in ``folder/<batch_id>/model.pt``, an exact one retrained without
+    every batch up to and including its own."""
+    from . import release
+
+    current, steps, parent_of_last = parent, [], parent
+    for i, (batch_id, attempt) in enumerate(zip(batches, attempts, strict=True)):
+        parent_of_last = current
+        out = folder / batch_id / "model.pt"
+        if attempt.exact:
+            current = retrain_exact(paths, cfg, current, earlier + batches[: i + 1], out, progress)
+        else:
+            current = release.unlearn_batch(paths, attempt_params(cfg, attempt), current,
+                                            batch_id, earlier + batches[:i], out, progress)
+        steps.append(current)
+    return {**current, "steps": steps, "parent_of_last": parent_of_last}
+
+
 def batch_versions(client, name: str, batch_id: str) -> list[Any]:
     """Every registered version released for ``batch_id`` alone (any parent), oldest first."""
     found = client.search_model_versions(f"name = '{name}'")

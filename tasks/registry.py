@@ -34,7 +34,9 @@ LINEAGE_TAGS = ("parent_version", "batch_id", "request_ids", "objective", "metho
                 "seed", "status", "device", "source", "source_sha256", "source_format",
                 "input_contract", "classes", "served_sha256",
                 # the escalation policy (tasks/escalation.py): which attempt, after which
-                "attempt", "escalated_from", "exact", "method_params", "gate_failures")
+                "attempt", "escalated_from", "exact", "method_params", "gate_failures",
+                # a consolidation (tasks/consolidation.py); a replay completed by the policy
+                "consolidation", "consolidated_rows", "consolidated_from", "replay_steps")
 # copied from parent to child versions (releases keep the base model's contract and classes)
 CARRIED_TAGS = ("dataset", "arch", "input_shape", "input_contract", "classes")
 CONTRACT_ARTIFACT = "input_contract.json"
@@ -287,10 +289,13 @@ def served_check(client, name: str, version: int) -> dict[str, Any]:
 
 def find_batch_version(client, name: str, batch_id: str, parent: int,
                        params_sha256: str) -> Any | None:
-    """The version already registered for ``batch_id`` on top of ``parent`` with the same
-    parameters (a run that died after registering it), or None. Resuming adopts it instead
-    of registering a duplicate; after a change of params.yaml it is left aside (no alias,
-    not in the ledger) and the batch is released anew."""
+    """The version already registered for ``batch_id`` (one batch, or a replay's
+    comma-separated batches) on top of ``parent`` with the same parameters (a run that died
+    after registering it), or None. Resuming adopts it instead of registering a duplicate;
+    after a change of params.yaml it is left aside (no alias, not in the ledger) and the
+    batch is released anew. An attempt of the escalation policy (tag ``attempt``) is found by
+    ``escalation.find_attempt``, never here: a replay onto a batch's own parent must not take
+    the batch's failed first attempt for itself."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -301,7 +306,7 @@ def find_batch_version(client, name: str, batch_id: str, parent: int,
         raise
     same = [mv for mv in found if mv.tags.get("batch_id") == batch_id
             and mv.tags.get("parent_version") == str(parent)
-            and mv.tags.get("params_sha256") == params_sha256]
+            and mv.tags.get("params_sha256") == params_sha256 and "attempt" not in mv.tags]
     return min(same, key=lambda mv: int(mv.version)) if same else None
 
 

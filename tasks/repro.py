@@ -148,8 +148,13 @@ def _last_step(folder: Path, entry: dict[str, Any]) -> Path:
 
 def _rebuild(paths: Paths, load: PipelineParams, entry: dict[str, Any], parent: dict[str, Any],
              earlier: list[str], folder: Path) -> dict[str, Any]:
-    """One release of the plan, built as the pipeline built it (``_attempt``)."""
+    """One release of the plan, built as the pipeline built it (``_attempt``; a replay the
+    escalation policy completed: an attempt per batch)."""
     batches, attempt = entry["batches"], _attempt(load, entry)
+    if entry.get("steps"):
+        attempts = [escalation.Attempt(s["method"], dict(s.get("params") or {}))
+                    for s in entry["steps"]]
+        return escalation.rebuild_steps(paths, load, parent, batches, attempts, earlier, folder)
     if attempt.exact:
         return escalation.retrain_exact(paths, load, parent, earlier + batches,
                                         _last_step(folder, entry) / "model.pt")
@@ -178,8 +183,8 @@ def stage_evaluate(home: Path) -> dict[str, Any]:
         last = _last_step(folder, entry)
         summary = json.loads((last / "unlearn.json").read_text())
         candidate = {**summary, "path": str(last / "model.pt")}
-        exact = _attempt(load, entry).exact
-        if len(batches) > 1 and not exact:  # a replay: the last step began at the one before
+        exact = _attempt(load, entry).exact and not entry.get("steps")
+        if len(batches) > 1:  # a replay: the last step began at the one before
             before = folder / batches[-2]
             start = {"path": str(before / "model.pt"),
                      "weights_sha256": json.loads((before / "unlearn.json").read_text())[
@@ -380,7 +385,12 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
                 else:
                     anchor = registry.fetch_version(paths, client, name, parent)
                     attempt = escalation.attempt_of(load, tags)  # the policy's entry it used
-                    if attempt.exact:
+                    steps = escalation.replay_steps(load, tags, batches)
+                    if steps:  # a replay completed by the escalation policy
+                        rebuilt = escalation.rebuild_steps(
+                            paths, load, anchor, batches, steps, covered(parent),
+                            out)["weights_sha256"]
+                    elif attempt.exact:
                         rebuilt = escalation.retrain_exact(
                             paths, load, anchor, covered(parent) + batches,
                             out / "model.pt")["weights_sha256"]

@@ -96,6 +96,38 @@ def test_a_failing_release_is_escalated_in_the_same_run(tmp_path, monkeypatch, w
     assert cli("promote", "2")[0] == 1
 
 
+def test_rollback_reapply_replays_an_escalated_batch_with_the_policy(tmp_path, monkeypatch,
+                                                                     write_params):
+    """The replay applies each missing batch as a new batch is applied: the primary method,
+    then the policy's entries; the version records the attempt of each step, and `unlearn
+    verify` and `dvc repro` rebuild it step by step."""
+    root = _state(monkeypatch, tmp_path, write_params,
+                  fallback=[{"method": "l2ul", "params": {"max_steps": 400}}])
+    assert cli("submit", str(_manifest(root, [111, 222, 333], tag="r")))[0] == 0
+    rc, run = cli_json("run")
+    assert rc == 0 and run["batches"][0]["version"] == 3, run  # v2: the failed primary
+    batch_id = run["batches"][0]["batch_id"]
+
+    rc, out, err = cli("rollback", "--to", "1", "--reapply")
+    assert rc == 0 and f"replayed {batch_id} onto version 1" in out, out + err
+    versions = _versions(cli_json("releases"))
+    assert sorted(versions) == [1, 2, 3, 4] and "champion" in versions[4]["aliases"]
+    lineage = versions[4]["lineage"]
+    assert (lineage["parent_version"], lineage["batch_id"]) == ("1", batch_id)
+    assert json.loads(lineage["replay_steps"]) == [{"method": "l2ul",
+                                                    "params": {"max_steps": 400}}]
+    order = json.loads((root / "data" / "releases.json").read_text())["releases"]
+    assert order[-1]["steps"] == [{"method": "l2ul", "params": {"max_steps": 400}}]
+
+    rc, out, err = cli("verify", "4")
+    assert rc == 0 and "reproduced" in out, out + err
+    done = dvc(root, "repro")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rebuilt = json.loads((root / "artifacts/releases/hashes.json").read_text())["releases"]
+    assert {int(v): r["weights_sha256"] for v, r in rebuilt.items()} == {
+        v: d["lineage"]["weights_sha256"] for v, d in versions.items()}
+
+
 def test_an_open_obligation_is_listed_and_retried_exactly(tmp_path, monkeypatch, write_params):
     root = _state(monkeypatch, tmp_path, write_params, fallback=[])
     assert cli("submit", str(_manifest(root, [111, 222], tag="m")))[0] == 0
