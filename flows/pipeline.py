@@ -471,18 +471,8 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
     parent = fetch_model(paths, cfg, champion)
     with Ledger(paths.ledger) as ledger:
         earlier = ledger.covered_batches(champion)
-    out = folder / "candidate.pt"
-    if attempt.exact:
-        candidate = retrain_exact_model(paths, cfg, parent, [*earlier, batch_id], out)
-    else:
-        candidate = run_unlearning(paths, acfg, parent, batch_id, earlier, out)
-    metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, earlier)
-    metrics.update(cumulative_drop(paths, cfg, client, champion, metrics))
-    if attempt.exact:
-        gates = escalation.exact_gates(metrics, cfg.gates)
-        out.with_name("gates.json").write_text(json.dumps(gates, indent=2))
-    else:
-        gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
+    candidate, metrics, gates = _build_and_gate(paths, cfg, client, attempt, parent, batch_id,
+                                                earlier, folder / "candidate.pt", champion)
     extra = {"attempt": str(number), "attempt_key": attempt.key, "method": attempt.method,
              "params_sha256": cfg.sha256(),  # params.yaml as a whole: it names the attempt
              "escalated_from": str(base["escalated_from"] or "")}
@@ -496,6 +486,27 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
                         built_with=_built(attempt))
     return {**base, "attempt": number, "version": version, "metrics": metrics,
             "gates": gates, "seconds": candidate["seconds"], "resumed": False}
+
+
+def _build_and_gate(paths: Paths, cfg: PipelineParams, client, attempt: escalation.Attempt,
+                    parent: dict[str, Any], batch_id: str, earlier: list[str], out: Path,
+                    lineage_of: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """One attempt's candidate for ``batch_id`` from ``parent`` (the attempt's method, or an
+    exact retrain without ``earlier`` and the batch), evaluated and gated (an exact one by
+    the exact gates); the cumulative drop is measured from the base of ``lineage_of``."""
+    if attempt.exact:
+        candidate = retrain_exact_model(paths, cfg, parent, [*earlier, batch_id], out)
+    else:
+        candidate = run_unlearning(paths, escalation.attempt_params(cfg, attempt), parent,
+                                   batch_id, earlier, out)
+    metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, earlier)
+    metrics.update(cumulative_drop(paths, cfg, client, lineage_of, metrics))
+    if attempt.exact:
+        gates = escalation.exact_gates(metrics, cfg.gates)
+        out.with_name("gates.json").write_text(json.dumps(gates, indent=2))
+    else:
+        gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
+    return candidate, metrics, gates
 
 
 @flow(name="process-deletions")
@@ -787,18 +798,8 @@ def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) 
             folder = paths.artifacts / "replay" / f"from-v{target}" / batch_id
             out = (folder if attempt == primary else folder / f"attempt-{attempt.key[:8]}") \
                 / "candidate.pt"
-            if attempt.exact:
-                candidate = retrain_exact_model(paths, cfg, current, [*earlier, batch_id], out)
-            else:
-                candidate = run_unlearning(paths, escalation.attempt_params(cfg, attempt),
-                                           current, batch_id, earlier, out)
-            metrics = evaluate_model(paths, cfg, current, candidate, batch_id, earlier)
-            metrics.update(cumulative_drop(paths, cfg, client, target, metrics))
-            if attempt.exact:
-                gates = escalation.exact_gates(metrics, cfg.gates)
-                out.with_name("gates.json").write_text(json.dumps(gates, indent=2))
-            else:
-                gates = gate_candidate(metrics, cfg.gates, out.with_name("gates.json"))
+            candidate, metrics, gates = _build_and_gate(paths, cfg, client, attempt, current,
+                                                        batch_id, earlier, out, target)
             if gates["passed"]:
                 break
         steps.append({"batch_id": batch_id, "gates": gates, "metrics": metrics,
