@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,22 @@ def _damaged(paths: Paths, cfg: PipelineParams) -> dict[str, Any] | None:
         return None
     return {"status": "failed", "damaged": True, "reason": report.line,
             "problems": [p.to_dict() for p in report.problems]}
+
+
+@contextmanager
+def _exclusive(paths: Paths, cfg: PipelineParams,
+               after_lock: str | None = None) -> Iterator[dict[str, Any] | None]:
+    """What every flow that builds on the registered releases does first: take the pipeline
+    lock, then check the records (``_damaged``). Yields None when the flow may go on, else
+    the refusal it returns (another command holds the lock, or the records disagree).
+    ``after_lock``: a fault point (tasks/faults.py) between the two."""
+    with pipeline_lock(paths, wait=False) as got:
+        if not got:
+            yield _busy(paths)
+            return
+        if after_lock:
+            fault(after_lock)
+        yield _damaged(paths, cfg)
 
 
 def _busy(paths: Paths) -> dict[str, Any]:
@@ -346,15 +364,20 @@ def base_test_acc(paths: Paths, cfg: PipelineParams, client,
     drift = _drift(paths, cfg, client, version)
     if drift is None:
         return None
-    current = drift.base
-    mv = registry.version_info(client, cfg.registry.model_name, current)
+    acc = _recorded_test_acc(client, cfg, drift.base)
+    return None if acc is None else (drift.base, acc)
+
+
+def _recorded_test_acc(client, cfg: PipelineParams, version: int) -> float | None:
+    """The held-out accuracy recorded on ``version`` (its run's metric, else its tag)."""
+    mv = registry.version_info(client, cfg.registry.model_name, version)
     try:
         acc = client.get_run(mv.run_id).data.metrics.get("test_acc")
     except Exception:  # noqa: BLE001  (a deleted run: the version's tag holds it too)
         acc = None
     if acc is None and "test_acc" in mv.tags:
         acc = float(mv.tags["test_acc"])
-    return None if acc is None else (current, float(acc))
+    return None if acc is None else float(acc)
 
 
 def _drift(paths: Paths, cfg: PipelineParams, client, version: int) -> consolidation.Drift | None:
@@ -514,12 +537,9 @@ def process_deletions_flow(home: str | None = None) -> dict[str, Any]:
     """Apply every pending batch in submission order, each from the current champion."""
     paths, cfg = setup(home)
     logger = get_run_logger()
-    with pipeline_lock(paths, wait=False) as got:
-        if not got:
-            return _busy(paths)
-        fault("after:lock")
-        if (damaged := _damaged(paths, cfg)) is not None:
-            return damaged
+    with _exclusive(paths, cfg, after_lock="after:lock") as refused:
+        if refused is not None:
+            return refused
         client = registry.connect(paths, cfg)
         name = cfg.registry.model_name
         champion = registry.alias_version(client, name, registry.CHAMPION)
@@ -565,11 +585,13 @@ def _consolidate_if_due(paths: Paths, cfg: PipelineParams, client) -> list[dict[
     if champion is None:
         return []
     drift = _drift(paths, cfg, client, champion)
-    base = base_test_acc(paths, cfg, client, champion)
+    if drift is None:
+        return []
+    base_acc = _recorded_test_acc(client, cfg, drift.base)
     acc = registry.version_info(client, name, champion).tags.get("test_acc")
-    lost = base[1] - float(acc) if base is not None and acc is not None else None
+    lost = base_acc - float(acc) if base_acc is not None and acc is not None else None
     why = consolidation.due(cfg, drift, lost)
-    if why is None or drift is None:
+    if why is None:
         return []
     get_run_logger().info("consolidating version %s: %s", champion, why)
     start = time.perf_counter()
@@ -641,11 +663,9 @@ def retry_flow(batch_id: str, method: str | None = None,
     applies it with the whole escalation policy); with ``method``, apply it now with that
     method alone, from the current champion."""
     paths, cfg = setup(home)
-    with pipeline_lock(paths, wait=False) as got:
-        if not got:
-            return _busy(paths)
-        if (damaged := _damaged(paths, cfg)) is not None:
-            return damaged
+    with _exclusive(paths, cfg) as refused:
+        if refused is not None:
+            return refused
         with Ledger(paths.ledger) as ledger:
             batch = ledger.batch(batch_id)
             why = retry_problem(cfg, batch, method)
@@ -692,11 +712,9 @@ def _set_champion(paths: Paths, cfg: PipelineParams, version: int, action: str,
 def promote_flow(version: int, home: str | None = None) -> dict[str, Any]:
     """Make ``version`` the champion, if it passed its gates and holds every deletion."""
     paths, cfg = setup(home)
-    with pipeline_lock(paths, wait=False) as got:
-        if not got:
-            return _busy(paths)
-        if (damaged := _damaged(paths, cfg)) is not None:
-            return damaged
+    with _exclusive(paths, cfg) as refused:
+        if refused is not None:
+            return refused
         client = registry.connect(paths, cfg)
         if not _exists(client, cfg, version):
             return _unknown(cfg, version)
@@ -832,11 +850,9 @@ def rollback_flow(to: int | None = None, reapply: bool = False,
     batches are replayed onto ``to`` and the result, if it passes the gates, becomes champion.
     """
     paths, cfg = setup(home)
-    with pipeline_lock(paths, wait=False) as got:
-        if not got:
-            return _busy(paths)
-        if (damaged := _damaged(paths, cfg)) is not None:
-            return damaged
+    with _exclusive(paths, cfg) as refused:
+        if refused is not None:
+            return refused
         client = registry.connect(paths, cfg)
         champion = registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
         if champion is None:

@@ -91,6 +91,12 @@ class Paths:
         return f"sqlite:///{self.mlruns / 'mlflow.db'}"
 
     @property
+    def registry_db(self) -> Path | None:
+        """The local registry database, when the project's default store is used."""
+        return self.mlruns / "mlflow.db" if self.tracking_uri == self.default_tracking_uri \
+            else None
+
+    @property
     def tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.default_tracking_uri
 

@@ -135,8 +135,7 @@ def read_versions(paths: Paths, cfg: PipelineParams) -> list[dict[str, Any]]:
     is keyed by the database files' size, mtime and inode, taken before the read, so any
     write to the registry (by this pipeline, the MLflow UI or a client) invalidates it. A
     remote tracking server is always asked."""
-    db = paths.mlruns / "mlflow.db" if paths.tracking_uri == paths.default_tracking_uri \
-        else None
+    db = paths.registry_db
     name = cfg.registry.model_name
     if db is None or not db.exists():
         return list_versions(connect(paths, cfg), name)

@@ -143,12 +143,6 @@ def _rel(paths: Paths, path: Path) -> str:
         return str(path)
 
 
-def registry_db(paths: Paths) -> Path | None:
-    """The local registry database, when the project's default store is used."""
-    return paths.mlruns / "mlflow.db" if paths.tracking_uri == paths.default_tracking_uri \
-        else None
-
-
 def read_ledger(paths: Paths, stores: Stores) -> None:
     path = paths.ledger
     if ledger_url() is not None:  # PostgreSQL: missing until its tables exist
@@ -180,7 +174,7 @@ def read_registry(paths: Paths, cfg: PipelineParams, stores: Stores,
                   snapshot: bool = False) -> None:
     """``snapshot``: a listing may read the registry's snapshot (``registry.read_versions``);
     it then has no client (``stores.client`` stays None: no served check, no repair)."""
-    db = registry_db(paths)
+    db = paths.registry_db
     if db is not None and not db.exists():  # never let MLflow create an empty one here
         stores.registry = "missing"
         return
@@ -281,7 +275,7 @@ def _store_problems(paths: Paths, cfg: PipelineParams, stores: Stores) -> list[P
                 "it from them; until then no deletion is accepted, promoted or trained on")))
     if stores.registry != "ok":
         evidence = _evidence_for_registry(stores)
-        db = registry_db(paths)
+        db = paths.registry_db
         where = _rel(paths, db) if db is not None else paths.tracking_uri
         state = {"missing": f"the registry {where} is missing",
                  "empty": f"the registry {where} has no versions of {cfg.registry.model_name}",
