@@ -8,7 +8,9 @@ rows get the next class) and ``unlearn run --json``. Per batch it records the ru
 time, the unlearning seconds, the method that released it (after escalation), the held-out
 accuracy of the release, and every consolidation the run made. At the end it asks for one
 more consolidation (``consolidate_every: 1``, nothing pending): an exact retrain without every
-deleted row, the reference each release's held-out accuracy is compared with. Finally it
+deleted row, the reference each release's held-out accuracy is compared with. When the
+champion is already such a retrain (the last batch was released by ``retrain-exact``, or a
+consolidation followed it), nothing is due and that release is the reference. Finally it
 reads ``unlearn requests``: every request should be ``done``.
 
     python benchmarks/continual_pipeline.py --dataset fashion-mnist --batches 10 --k 32 \\
@@ -122,6 +124,8 @@ def main() -> None:
         set_params(home, unlearn={"consolidate_every": 1})  # the reference: retrain now
         ref_s, out = command(home, "run", "--json")
         [reference] = json.loads(out)["consolidations"] or [None]
+        if reference is None:  # the champion is already exact: it is the reference
+            reference, ref_s = exact_champion(rows, consolidations)
         _, out = command(home, "requests", "--json")
         statuses = [r["status"] for r in json.loads(out)["requests"]]
     finally:
@@ -155,6 +159,19 @@ def main() -> None:
     print(render(result))
 
 
+def exact_champion(rows: list[dict], consolidations: list[dict]) -> tuple[dict | None, float]:
+    """The release that retrained without every deleted row, when the run ended on one: a
+    consolidation after the last batch, else the last batch released by ``retrain-exact``."""
+    last = rows[-1]
+    after = [c for c in consolidations if c["after_batch"] == last["batch"] and c["passed"]]
+    if after:
+        return {**after[-1], "kind": "consolidation after the last batch"}, after[-1]["seconds"]
+    if last["released_by"] == "retrain-exact":
+        return ({"version": last["version"], "test_acc": last["test_acc"],
+                 "kind": "the last batch's exact retrain"}, last["run_s"])
+    return None, 0.0
+
+
 def render(r: dict) -> str:
     ref = r["reference"]
     lines = [(f"# {r['batches']} batches of {r['k']} `{r['objective']}` rows on {r['dataset']}, "
@@ -162,7 +179,8 @@ def render(r: dict) -> str:
              f"Base model: test {r['base_test_acc']:.2f}% ({r['epochs']} pre-training epochs, "
              f"{r['pretrain_s']:.0f} s). Reference, retrained without all "
              f"{r['batches'] * r['k']} deleted rows: "
-             + (f"test {ref['test_acc']:.2f}% ({r['reference_s']:.0f} s)." if ref else "none."),
+             + (f"v{ref['version']}, test {ref['test_acc']:.2f}% ({r['reference_s']:.0f} s"
+                + (f"; {ref['kind']}" if ref.get("kind") else "") + ")." if ref else "none."),
              f"Requests done: {r['requests_done']} of {r['requests']}.", "",
              ("| batch | state | released by | attempts | `run` s | unlearning s | test % "
              "| below the retrain (points) | consolidated after |"),

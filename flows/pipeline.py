@@ -384,7 +384,7 @@ def _drift(paths: Paths, cfg: PipelineParams, client, version: int) -> consolida
     name = cfg.registry.model_name
 
     def exact(v: int) -> bool:
-        return registry.version_info(client, name, v).tags.get("exact") == "true"
+        return escalation.exact_tags(registry.version_info(client, name, v).tags)
 
     with Ledger(paths.ledger) as ledger:
         return consolidation.since_base(ledger, version, exact)
@@ -492,10 +492,10 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
                                        "attempt": number, "method": attempt.method})
     fault(f"in:attempt-{number}")
     parent = fetch_model(paths, cfg, champion)
-    with Ledger(paths.ledger) as ledger:
-        earlier = ledger.covered_batches(champion)
+    earlier, recent = _earlier(paths, cfg, client, champion)
     candidate, metrics, gates = _build_and_gate(paths, cfg, client, attempt, parent, batch_id,
-                                                earlier, folder / "candidate.pt", champion)
+                                                earlier, recent, folder / "candidate.pt",
+                                                champion)
     extra = {"attempt": str(number), "attempt_key": attempt.key, "method": attempt.method,
              "params_sha256": cfg.sha256(),  # params.yaml as a whole: it names the attempt
              "escalated_from": str(base["escalated_from"] or "")}
@@ -511,18 +511,32 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
             "gates": gates, "seconds": candidate["seconds"], "resumed": False}
 
 
+def _earlier(paths: Paths, cfg: PipelineParams, client,
+             version: int) -> tuple[list[str], list[str]]:
+    """Every batch ``version`` holds, and those unlearned since the last exact model of its
+    lineage (``consolidation.unlearned_since_exact``; every batch if the ledger does not
+    record the lineage)."""
+    with Ledger(paths.ledger) as ledger:
+        covered = ledger.covered_batches(version)
+    drift = _drift(paths, cfg, client, version)
+    return covered, drift.batches if drift is not None else covered
+
+
 def _build_and_gate(paths: Paths, cfg: PipelineParams, client, attempt: escalation.Attempt,
-                    parent: dict[str, Any], batch_id: str, earlier: list[str], out: Path,
+                    parent: dict[str, Any], batch_id: str, earlier: list[str],
+                    recent: list[str], out: Path,
                     lineage_of: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """One attempt's candidate for ``batch_id`` from ``parent`` (the attempt's method, or an
-    exact retrain without ``earlier`` and the batch), evaluated and gated (an exact one by
-    the exact gates); the cumulative drop is measured from the base of ``lineage_of``."""
+    """One attempt's candidate for ``batch_id`` from ``parent``, evaluated and gated: an exact
+    retrain without ``earlier`` (every batch the parent holds) and the batch, gated by the
+    exact gates; or the attempt's method, which keeps ``recent`` (the batches unlearned since
+    the last exact model) forgotten and is gated on them. The cumulative drop is measured
+    from the base of ``lineage_of``."""
     if attempt.exact:
         candidate = retrain_exact_model(paths, cfg, parent, [*earlier, batch_id], out)
     else:
         candidate = run_unlearning(paths, escalation.attempt_params(cfg, attempt), parent,
-                                   batch_id, earlier, out)
-    metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, earlier)
+                                   batch_id, recent, out)
+    metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, recent, earlier)
     metrics.update(cumulative_drop(paths, cfg, client, lineage_of, metrics))
     if attempt.exact:
         gates = escalation.exact_gates(metrics, cfg.gates)
@@ -611,7 +625,8 @@ def _consolidate_if_due(paths: Paths, cfg: PipelineParams, client) -> list[dict[
         out = paths.artifacts / "consolidations" / f"from-v{champion}" / "candidate.pt"
         candidate = retrain_exact_model(paths, cfg, parent, covered, out)
         # objective rates on the newest batch and the earlier ones: reported, not gated
-        metrics = evaluate_model(paths, cfg, parent, candidate, covered[-1], covered[:-1])
+        metrics = evaluate_model(paths, cfg, parent, candidate, covered[-1], covered[:-1],
+                                 covered[:-1])
         metrics.update(cumulative_drop(paths, cfg, client, champion, metrics))
         gates = escalation.exact_gates(metrics, cfg.gates)
         out.with_name("gates.json").write_text(json.dumps(gates, indent=2))
@@ -805,9 +820,8 @@ def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) 
         return resumed
     record_attempt(paths, missing, {"kind": "replay", "onto": target})  # before registering
     base = fetch_model(paths, cfg, target)
-    with Ledger(paths.ledger) as ledger:
-        earlier = ledger.covered_batches(target)
     client = registry.connect(paths, cfg)
+    earlier, recent = _earlier(paths, cfg, client, target)
     current, steps = base, list[dict[str, Any]]()
     primary = escalation.primary(cfg)
     for batch_id in missing:
@@ -817,12 +831,13 @@ def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) 
             out = (folder if attempt == primary else folder / f"attempt-{attempt.key[:8]}") \
                 / "candidate.pt"
             candidate, metrics, gates = _build_and_gate(paths, cfg, client, attempt, current,
-                                                        batch_id, earlier, out, target)
+                                                        batch_id, earlier, recent, out, target)
             if gates["passed"]:
                 break
         steps.append({"batch_id": batch_id, "gates": gates, "metrics": metrics,
                       "method": attempt.method, "params": attempt.params})
         earlier = earlier + [batch_id]
+        recent = [] if attempt.exact else recent + [batch_id]  # an exact step: nothing drifts
         current = {**candidate, "version": None, "tags": base["tags"]}
         if not gates["passed"]:
             break

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from . import registry
+from . import escalation, registry
 from .ledger import Ledger, ledger_present
 from .params import PipelineParams
 from .paths import Paths
@@ -170,7 +170,7 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
         # exact retrains in the champion's lineage (consolidations, exact releases), newest
         # first like ``chain``: one at or after a batch's carrier never trained on its rows
         exact_at = [i for i, v in enumerate(chain)
-                    if registry.version_info(client, name, v).tags.get("exact") == "true"]
+                    if escalation.exact_tags(registry.version_info(client, name, v).tags)]
         champion_rel = ledger.release(champion) if champion is not None else None
         parent_version = champion_rel["parent"] if champion_rel else None
         unseen_rows = {b: ledger.requests(b) for b, batch in batches.items()

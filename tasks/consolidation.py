@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .ledger import Ledger
-from .params import PipelineParams
+from .params import EXACT_RETRAIN, PipelineParams
 
 CONSOLIDATION_TAG = "consolidation"
 
@@ -36,6 +36,15 @@ CONSOLIDATION_TAG = "consolidation"
 def is_consolidation(release: dict[str, Any]) -> bool:
     """A ledger (or data/releases.json) release with a parent and no batches of its own."""
     return release.get("parent") is not None and not release.get("batches")
+
+
+def is_exact(release: dict[str, Any]) -> bool:
+    """Built with no influence of any row it holds: a base (no parent: pretrained or adopted),
+    a consolidation, or a release whose last step was an exact retrain. ``release``: a ledger
+    release (method under ``built_with``) or a data/releases.json entry (method at the top)."""
+    built = release.get("built_with") or release
+    return (release.get("parent") is None or is_consolidation(release)
+            or built.get("method") == EXACT_RETRAIN)
 
 
 @dataclass(frozen=True)
@@ -47,25 +56,41 @@ class Drift:
     batches: list[str]   # their batches, oldest first
 
 
-def since_base(ledger: Ledger, version: int,
-               exact: Callable[[int], bool] = lambda v: False) -> Drift | None:
-    """Walk ``version``'s parents in the ledger back to the last exact model: one without a
-    parent, a consolidation, or one ``exact`` says is exact. None if the ledger does not
-    record the lineage."""
+def unlearned_since_exact(release_of: Callable[[int], dict[str, Any] | None], version: int,
+                          exact: Callable[[int], bool] = lambda v: False
+                          ) -> tuple[int, list[str]] | None:
+    """The last exact model of ``version``'s lineage (``is_exact``, or ``exact`` says so) and
+    the batches unlearned since it, oldest first; None if ``release_of`` (a ledger, the
+    data/releases.json plan or the registry's lineage tags) does not record the lineage.
+
+    These batches are what an unlearning release must keep forgotten besides its own
+    (``unlearn.include_earlier``) and what its earlier-deletions gate checks: the rows before
+    the last exact model were never trained on by it, so they need no unlearning, and a model
+    that never saw a ``misclassify`` row may rightly predict it (``done (exact)``)."""
     current: int | None = version
     batches: list[str] = []
     seen: set[int] = set()
     while current is not None and current not in seen:
         seen.add(current)
-        rel = ledger.release(current)
+        rel = release_of(current)
         if rel is None:
             return None
-        if rel["parent"] is None or is_consolidation(rel) or exact(current):
-            rows = sum(b.rows for b in (ledger.batch(x) for x in batches) if b is not None)
-            return Drift(current, rows, batches)
+        if is_exact(rel) or exact(current):
+            return current, batches
         batches = list(rel["batches"]) + batches
         current = int(rel["parent"])
     return None
+
+
+def since_base(ledger: Ledger, version: int,
+               exact: Callable[[int], bool] = lambda v: False) -> Drift | None:
+    """``unlearned_since_exact`` in the ledger, with the rows those batches deleted."""
+    found = unlearned_since_exact(ledger.release, version, exact)
+    if found is None:
+        return None
+    base, batches = found
+    rows = sum(b.rows for b in (ledger.batch(x) for x in batches) if b is not None)
+    return Drift(base, rows, batches)
 
 
 def due(cfg: PipelineParams, drift: Drift | None, lost: float | None) -> str | None:

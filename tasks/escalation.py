@@ -83,10 +83,16 @@ def attempt_params(cfg: PipelineParams, attempt: Attempt) -> PipelineParams:
     return cfg.with_overrides("unlearn", method=attempt.method, params=dict(attempt.params))
 
 
+def exact_tags(tags: dict[str, str]) -> bool:
+    """A registered version whose last step was an exact retrain (an exact attempt, a
+    consolidation, a replay the policy finished with one), from its tags."""
+    return tags.get("exact") == "true" or tags.get("method") == EXACT_RETRAIN
+
+
 def attempt_of(cfg: PipelineParams, tags: dict[str, str]) -> Attempt:
     """The attempt a registered release was built with, from its tags (``unlearn verify``
     rebuilds it the same way); a release from before escalation: the primary method."""
-    if tags.get("exact") == "true" or tags.get("method") == EXACT_RETRAIN:
+    if exact_tags(tags):
         return Attempt(EXACT_RETRAIN)
     if "method_params" in tags:
         return Attempt(tags.get("method", cfg.unlearn.method), json.loads(tags["method_params"]))
@@ -108,11 +114,13 @@ def replay_steps(cfg: PipelineParams, tags: dict[str, str],
 
 
 def rebuild_steps(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
-                  attempts: list[Attempt], earlier: list[str], folder: Path,
-                  progress=None) -> dict[str, Any]:
+                  attempts: list[Attempt], earlier: list[str], recent: list[str],
+                  folder: Path, progress=None) -> dict[str, Any]:
     """``release.rebuild_release`` with an attempt per batch (a replay the escalation policy
     completed): each step in ``folder/<batch_id>/model.pt``, an exact one retrained without
-    every batch up to and including its own."""
+    ``earlier`` (every batch the parent holds) and every batch up to and including its own,
+    an unlearning one keeping ``recent`` (those unlearned since the last exact model) and the
+    steps since forgotten, as ``flows.pipeline._replay`` applies them."""
     from . import release
 
     current, steps, parent_of_last = parent, [], parent
@@ -123,7 +131,8 @@ def rebuild_steps(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
             current = retrain_exact(paths, cfg, current, earlier + batches[: i + 1], out, progress)
         else:
             current = release.unlearn_batch(paths, attempt_params(cfg, attempt), current,
-                                            batch_id, earlier + batches[:i], out, progress)
+                                            batch_id, recent, out, progress)
+        recent = [] if attempt.exact else recent + [batch_id]
         steps.append(current)
     return {**current, "steps": steps, "parent_of_last": parent_of_last}
 

@@ -186,8 +186,9 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
                   earlier: list[str], out: Path, progress=None) -> dict[str, Any]:
     """Unlearn one batch from the parent checkpoint; save the candidate next to ``out``.
 
-    With ``unlearn.include_earlier`` the instances of ``earlier`` batches join the forget set,
-    so the early stop also waits for them (every earlier deletion must stay deleted).
+    With ``unlearn.include_earlier`` the instances of ``earlier`` batches (the pipeline passes
+    those unlearned since the last exact model) join the forget set, so the early stop also
+    waits for them: every earlier deletion must stay deleted.
     """
     from unlearning.devices import describe_device
     from unlearning.methods import ForgetSet, unlearn
@@ -235,9 +236,13 @@ def rebuild_release(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], b
 
 def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any],
                        candidate: dict[str, Any], batch_id: str, earlier: list[str],
+                       deleted_before: list[str] | None = None,
                        metrics_path: Path | None = None) -> dict[str, Any]:
-    """Release metrics of a candidate (defined in ``unlearning.metrics``); written to ``metrics_path`` (default:
-    metrics.json beside the candidate)."""
+    """Release metrics of a candidate (defined in ``unlearning.metrics``); written to
+    ``metrics_path`` (default: metrics.json beside the candidate). ``earlier``: the batches
+    whose objective rate is measured besides ``batch_id`` (those unlearned since the last
+    exact model); ``deleted_before``: every batch deleted before it (default ``earlier``),
+    kept out of the membership test's retain sample."""
     import torch
 
     from unlearning.datasets.core import take
@@ -260,7 +265,9 @@ def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any]
                                 data.heldout())
         metrics.update(unseen_membership_auc=auc, unseen_membership_z=z)
     if cfg.evaluate.mia:
-        deleted = set(current.ids) | set(before.ids if before is not None else ())
+        gone = deleted_before if deleted_before is not None else earlier
+        deleted = set(current.ids) | {int(r["instance_id"]) for b in gone
+                                      for r in read_rows(paths.manifest(b))}
         keep = torch.tensor([i for i in range(data.num_train) if i not in deleted])
         retain = (take(data.train_x, keep), data.train_y[keep])  # lazy: only a sample is read
         n = cfg.evaluate.mia_max_per_side

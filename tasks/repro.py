@@ -86,6 +86,31 @@ def _covered(plan: list[dict[str, Any]]) -> dict[int, list[str]]:
     return out
 
 
+def _recent(plan: list[dict[str, Any]], covered: dict[int, list[str]]) -> dict[int, list[str]]:
+    """Batches each release of the plan unlearned since the last exact model of its lineage
+    (``consolidation.unlearned_since_exact``), which the next unlearning release keeps
+    forgotten as the pipeline did."""
+    by_version = {e["version"]: e for e in plan}
+    out: dict[int, list[str]] = {}
+    for version in by_version:
+        found = consolidation.unlearned_since_exact(by_version.get, version)
+        out[version] = found[1] if found is not None else covered[version]
+    return out
+
+
+def _recent_before_last(load: PipelineParams, entry: dict[str, Any],
+                        recent: list[str]) -> list[str]:
+    """What the last step of a release kept forgotten besides its own batch, from ``recent``
+    of its parent: each earlier step adds its batch, an exact step starts over."""
+    attempts = ([escalation.Attempt(s["method"], dict(s.get("params") or {}))
+                 for s in entry["steps"]] if entry.get("steps")
+                else [_attempt(load, entry)] * len(entry["batches"]))
+    out = list(recent)
+    for batch_id, attempt in zip(entry["batches"][:-1], attempts[:-1], strict=True):
+        out = [] if attempt.exact else out + [batch_id]
+    return out
+
+
 # -- DVC stages -------------------------------------------------------------------------------
 
 
@@ -107,6 +132,7 @@ def stage_releases(home: Path) -> dict[str, Any]:
     paths, cfg, load = _setup(home)
     plan = sorted(datastore.read_release_order(paths), key=lambda e: e["version"])
     covered = _covered(plan)
+    recent = _recent(plan, covered)
     base_sha = json.loads((home / BASE / "pretrain.json").read_text())["weights_sha256"]
     base = {"path": str(home / BASE / "model.pt"), "weights_sha256": base_sha}
     out = _fresh(home / RELEASES)
@@ -118,7 +144,7 @@ def stage_releases(home: Path) -> dict[str, Any]:
             built[version] = base
         else:
             result = _rebuild(paths, load, entry, built[parent], covered[parent],
-                              out / f"v{version}")
+                              recent[parent], out / f"v{version}")
             built[version] = {"path": result["path"], "weights_sha256": result["weights_sha256"]}
         hashes[str(version)] = {
             "parent": parent, "batches": batches,
@@ -147,19 +173,21 @@ def _last_step(folder: Path, entry: dict[str, Any]) -> Path:
 
 
 def _rebuild(paths: Paths, load: PipelineParams, entry: dict[str, Any], parent: dict[str, Any],
-             earlier: list[str], folder: Path) -> dict[str, Any]:
+             earlier: list[str], recent: list[str], folder: Path) -> dict[str, Any]:
     """One release of the plan, built as the pipeline built it (``_attempt``; a replay the
-    escalation policy completed: an attempt per batch)."""
+    escalation policy completed: an attempt per batch). ``earlier``: every batch the parent
+    holds; ``recent``: those it unlearned since the last exact model."""
     batches, attempt = entry["batches"], _attempt(load, entry)
     if entry.get("steps"):
         attempts = [escalation.Attempt(s["method"], dict(s.get("params") or {}))
                     for s in entry["steps"]]
-        return escalation.rebuild_steps(paths, load, parent, batches, attempts, earlier, folder)
+        return escalation.rebuild_steps(paths, load, parent, batches, attempts, earlier,
+                                        recent, folder)
     if attempt.exact:
         return escalation.retrain_exact(paths, load, parent, earlier + batches,
                                         _last_step(folder, entry) / "model.pt")
     return release.rebuild_release(paths, escalation.attempt_params(load, attempt), parent,
-                                   batches, earlier, folder)
+                                   batches, recent, folder)
 
 
 def stage_evaluate(home: Path) -> dict[str, Any]:
@@ -169,6 +197,7 @@ def stage_evaluate(home: Path) -> dict[str, Any]:
     paths, cfg, load = _setup(home)
     plan = sorted(datastore.read_release_order(paths), key=lambda e: e["version"])
     covered = _covered(plan)
+    recent = _recent(plan, covered)
     hashes = json.loads((home / HASHES).read_text())["releases"]
     out = _fresh(home / EVALUATION)
     metrics: dict[str, dict[str, float]] = {}
@@ -193,7 +222,10 @@ def stage_evaluate(home: Path) -> dict[str, Any]:
             start = {"path": str(home / hashes[str(parent)]["path"]),
                      "weights_sha256": hashes[str(parent)]["weights_sha256"]}
         held = covered[version]  # a consolidation: its parent's batches, the newest evaluated
-        found = release.evaluate_candidate(paths, load, start, candidate, held[-1], held[:-1],
+        kept = (held[:-1] if consolidation.is_consolidation(entry)
+                else _recent_before_last(load, entry, recent[parent]))
+        found = release.evaluate_candidate(paths, load, start, candidate, held[-1], kept,
+                                           held[:-1],
                                            metrics_path=out / f"v{version}" / "metrics.json")
         gates = (escalation.exact_gates(found, cfg.gates) if exact
                  else check_gates(found, cfg.gates).to_dict())
@@ -294,6 +326,18 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
             version = parent
         return out
 
+    def recent(version: int) -> list[str]:
+        """Batches ``version`` unlearned since the last exact model, from the lineage tags."""
+        def release_of(v: int) -> dict[str, Any] | None:
+            if v not in lineage:
+                return None
+            tags = by_version[v]["lineage"]
+            method = EXACT_RETRAIN if escalation.exact_tags(tags) else tags.get("method")
+            return {"parent": lineage[v][0], "batches": lineage[v][1], "method": method}
+
+        found = consolidation.unlearned_since_exact(release_of, version)
+        return found[1] if found is not None else covered(version)
+
     meta = datastore.read_dataset_meta(paths)
     if meta is None:
         raise VerifyInputError("data/dataset/dataset.json is missing: restore data/ with "
@@ -389,7 +433,7 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
                     if steps:  # a replay completed by the escalation policy
                         rebuilt = escalation.rebuild_steps(
                             paths, load, anchor, batches, steps, covered(parent),
-                            out)["weights_sha256"]
+                            recent(parent), out)["weights_sha256"]
                     elif attempt.exact:
                         rebuilt = escalation.retrain_exact(
                             paths, load, anchor, covered(parent) + batches,
@@ -397,7 +441,7 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
                     else:
                         rebuilt = release.rebuild_release(
                             paths, escalation.attempt_params(load, attempt), anchor, batches,
-                            covered(parent), out)["weights_sha256"]
+                            recent(parent), out)["weights_sha256"]
             except (CheckpointError, registry.RegistryError) as e:
                 findings.append(f"cannot rebuild from version {parent}: {e}")
             match = rebuilt == recorded

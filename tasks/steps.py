@@ -100,8 +100,11 @@ def retrain_exact_model(paths: Paths, cfg: PipelineParams, parent: dict[str, Any
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_model(paths: Paths, cfg: PipelineParams, parent: dict[str, Any],
                    candidate: dict[str, Any], batch_id: str,
-                   earlier: list[str]) -> dict[str, Any]:
-    return release.evaluate_candidate(paths, cfg, parent, candidate, batch_id, earlier)
+                   earlier: list[str], deleted_before: list[str]) -> dict[str, Any]:
+    """``release.evaluate_candidate``: ``earlier`` are the batches whose objective must still
+    hold, ``deleted_before`` every batch deleted before this one."""
+    return release.evaluate_candidate(paths, cfg, parent, candidate, batch_id, earlier,
+                                      deleted_before)
 
 
 @task(name="check-gates", cache_policy=NO_CACHE)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from flow_helpers import cli, cli_json, dvc
 
-from tasks.consolidation import Drift, due
+from tasks.consolidation import Drift, due, unlearned_since_exact
 from tasks.params import parse_params
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -64,6 +64,21 @@ def test_due_counts_rows_and_drop_since_the_last_exact_model():
     assert due(off, Drift(1, 10_000, ["a"]), lost=50.0) is None
 
 
+def test_only_batches_since_the_last_exact_model_are_unlearned_again():
+    plan = {1: {"parent": None, "batches": []},
+            2: {"parent": 1, "batches": ["a"], "method": "l2ul"},
+            3: {"parent": 2, "batches": [], "method": "retrain-exact"},  # a consolidation
+            4: {"parent": 3, "batches": ["b"], "method": "l2ul"},
+            5: {"parent": 4, "batches": ["c"], "method": "retrain-exact"},  # exact escalation
+            6: {"parent": 5, "batches": ["d", "e"], "method": "l2ul"}}  # a replay
+    assert unlearned_since_exact(plan.get, 2) == (1, ["a"])
+    assert unlearned_since_exact(plan.get, 3) == (3, [])
+    assert unlearned_since_exact(plan.get, 4) == (3, ["b"])
+    assert unlearned_since_exact(plan.get, 6) == (5, ["d", "e"])
+    assert unlearned_since_exact(plan.get, 9) is None  # not recorded
+    assert unlearned_since_exact(plan.get, 4, exact=lambda v: v == 4) == (4, [])
+
+
 def test_consolidation_becomes_the_new_base(tmp_path, monkeypatch, write_params):
     root = tmp_path
     monkeypatch.setenv("UNLEARN_HOME", str(root))
@@ -93,7 +108,15 @@ def test_consolidation_becomes_the_new_base(tmp_path, monkeypatch, write_params)
     [batch] = third["batches"]
     assert batch["state"] == "done" and batch["parent"] == 4 and batch["version"] == 5
     assert batch["metrics"]["base_version"] == 4
+    # the consolidation never trained on a and b: only c is unlearned and gated
+    assert (batch["metrics"]["forget_size"], batch["metrics"]["earlier_size"]) == (2, 0)
     assert third["consolidations"] == []  # 2 rows since the new base
+    assert cli("submit", str(_manifest(root, [111, 222], "d")))[0] == 0
+    rc, fourth = cli_json("run")
+    [batch] = fourth["batches"]
+    assert rc == 0 and batch["state"] == "done" and batch["version"] == 6, fourth
+    assert (batch["metrics"]["forget_size"], batch["metrics"]["earlier_size"]) == (2, 2)
+    assert fourth["consolidations"] == []  # 4 rows since the new base
     rc, listing = cli_json("requests")
     assert listing["open"] == [] and {r["status"] for r in listing["requests"]} == {"done"}
     rc, audit = cli_json("audit", "a-101")  # holds in the champion built on the consolidation
@@ -104,8 +127,9 @@ def test_consolidation_becomes_the_new_base(tmp_path, monkeypatch, write_params)
     rc, _, err = cli("rollback", "--to", "4")
     assert rc == 1 and "predates committed deletion" in err, err
 
-    rc, out, err = cli("verify", "4")  # retrained bit for bit
-    assert rc == 0 and "reproduced" in out, out + err
+    for version in ("4", "6"):  # retrained; unlearned keeping c alone forgotten besides d
+        rc, out, err = cli("verify", version)
+        assert rc == 0 and "reproduced" in out, out + err
     done = dvc(root, "repro")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rebuilt = json.loads((root / "artifacts/releases/hashes.json").read_text())["releases"]
