@@ -146,7 +146,7 @@ class UnlearnParams(_Section):
 
     method: str = "l2ul"
     seed: int = Field(default=0, ge=0, le=2**63 - 1)  # mixed with each batch id
-    include_earlier: bool = True  # earlier deletions join the forget set, so they stay deleted
+    include_earlier: bool = True  # batches unlearned since the last exact model join the forget set
     params: dict[str, int | float | bool | str] = Field(default_factory=dict)
     # tried in turn when a release fails its gates (tasks/escalation.py); empty: none
     fallback: list[FallbackEntry] = Field(default_factory=list)

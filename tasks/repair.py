@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .escalation import attempt_of
+from .escalation import attempt_of, replay_steps
 from .ledger import Ledger, LedgerError, ledger_present, ledger_url
 from .locks import pipeline_lock, pipeline_lock_holder, submit_lock
 from .params import PipelineParams
@@ -217,8 +217,34 @@ def _rejected_at_submit(paths: Paths, cfg: PipelineParams) -> dict[str, dict[str
     return out
 
 
+def _attempts(cfg: PipelineParams, stores: Stores, batch_id: str) -> list[dict[str, Any]]:
+    """A batch's attempts as ``unlearn requests --json`` and ``unlearn audit`` show them,
+    from the lineage tags of the versions its runs registered (tag ``attempt``; replays have
+    none): method, params, passed, the failing gates' names. Their values stay in each
+    version's run (``gates.json``)."""
+    out: list[dict[str, Any]] = []
+    for version in sorted(stores.versions):
+        v = stores.versions[version]
+        tags = v["lineage"]
+        if stores.lineage(version)[1] != [batch_id] or "attempt" not in tags:
+            continue
+        attempt = attempt_of(cfg, tags)
+        failures = list(v["gate_failures"])
+        out.append({
+            "attempt": int(tags["attempt"]) if tags["attempt"].isdigit() else len(out) + 1,
+            "version": version, "method": attempt.method, "params": attempt.params,
+            "exact": attempt.exact, "passed": v["gates_passed"],
+            "escalated_from": int(tags["escalated_from"])
+            if tags.get("escalated_from", "").isdigit() else None,
+            "summary": "passed" if v["gates_passed"] else "failed: " + (", ".join(failures)
+                                                                      or "gates"),
+            "failures": [{"gate": f} for f in failures], "restored": NOTE})
+    return out
+
+
 def _add_accepted(ledger: Ledger, paths: Paths, batch_id: str, seq: int,
-                  state: tuple[str, int | None, str | None]) -> str:
+                  state: tuple[str, int | None, str | None],
+                  attempts: list[dict[str, Any]]) -> str:
     from .release import read_rows
 
     path = paths.manifest(batch_id)
@@ -230,8 +256,12 @@ def _add_accepted(ledger: Ledger, paths: Paths, batch_id: str, seq: int,
                      report=report)
     what, version, reason = state
     if what != "pending":
+        released = next((a for a in attempts if a["version"] == version), None)
         ledger.set_state(batch_id, what, version=version, reason=reason,
-                         report={**report, "state_from": "registry lineage"})
+                         report={**report, "state_from": "registry lineage",
+                                 "escalation": attempts,
+                                 "exact": bool(what == "done" and released
+                                               and released["exact"])})
     stamp = _validation_report_time(paths, batch_id) or path.stat().st_mtime
     with ledger.transaction() as db:  # when it was accepted, not when it was rebuilt
         db.execute("UPDATE batches SET submitted=? WHERE batch_id=?", (stamp, batch_id))
@@ -281,7 +311,8 @@ def rebuild_ledger(paths: Paths, cfg: PipelineParams, stores: Stores,
             seq = seq_of(batch_id) or max(used | {0}) + 1
             used.add(seq)
             done.append(_add_accepted(ledger, paths, batch_id, seq,
-                                      states.get(batch_id, ("pending", None, None))))
+                                      states.get(batch_id, ("pending", None, None)),
+                                      _attempts(cfg, stores, batch_id)))
         for batch_id, r in rejected.items():
             if batch_id in have or batch_id in accepted:
                 continue
@@ -327,10 +358,16 @@ def rebuild_ledger(paths: Paths, cfg: PipelineParams, stores: Stores,
             parent, batches = stores.lineage(version)
             if any(batch_state.get(b) == "pending" for b in batches):
                 continue
-            built = None
+            built: dict[str, Any] | None = None
             if parent is not None:  # the method and params it was built with, from its tags
-                attempt = attempt_of(cfg, stores.versions[version]["lineage"])
+                tags = stores.versions[version]["lineage"]
+                attempt = attempt_of(cfg, tags)
                 built = {"method": attempt.method, "params": attempt.params}
+                steps = replay_steps(cfg, tags, batches)
+                if steps:  # a replay the escalation policy completed: one attempt per batch
+                    built = {"method": steps[-1].method, "params": steps[-1].params,
+                             "steps": [{"method": s.method, "params": s.params}
+                                       for s in steps]}
             ledger.add_release(version, parent, batches, stores.versions[version]["gates_passed"],
                                built)
             done.append(f"release {version} (version {parent or 'none'} + "

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from flow_helpers import cli, cli_json, dvc
 
+from tasks.ledger import Ledger
 from tasks.params import ParamsError, parse_params
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -95,6 +96,19 @@ def test_a_failing_release_is_escalated_in_the_same_run(tmp_path, monkeypatch, w
     assert cli("rollback", "--to", "1")[0] == 1
     assert cli("promote", "2")[0] == 1
 
+    # a lost ledger is rebuilt with the batch's attempts (the failing gates' names; their
+    # values stay in each version's run)
+    for path in (root / "artifacts").glob("ledger.db*"):
+        path.unlink()
+    rc, out, err = cli("repair")
+    assert rc == 0, out + err
+    rc, listing = cli_json("requests")
+    [b] = listing["batches"]
+    assert [(a["version"], a["method"], a["passed"]) for a in b["attempts"]] == [
+        (2, "l2ul", False), (3, "l2ul", True)]
+    assert {f["gate"] for f in b["attempts"][0]["failures"]} >= {"objective_reached"}
+    assert b["attempts"][1]["escalated_from"] == 2
+
 
 def test_rollback_reapply_replays_an_escalated_batch_with_the_policy(tmp_path, monkeypatch,
                                                                      write_params):
@@ -121,6 +135,12 @@ def test_rollback_reapply_replays_an_escalated_batch_with_the_policy(tmp_path, m
 
     rc, out, err = cli("verify", "4")
     assert rc == 0 and "reproduced" in out, out + err
+    for path in (root / "artifacts").glob("ledger.db*"):  # repair restores each step
+        path.unlink()
+    assert cli("repair")[0] == 0
+    with Ledger(root / "artifacts" / "ledger.db") as ledger:
+        assert ledger.release(4)["built_with"]["steps"] == [
+            {"method": "l2ul", "params": {"max_steps": 400}}]
     done = dvc(root, "repro")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rebuilt = json.loads((root / "artifacts/releases/hashes.json").read_text())["releases"]
