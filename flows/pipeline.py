@@ -40,6 +40,7 @@ from tasks.steps import (
     fetch_model,
     gate_candidate,
     mark_candidate,
+    prepare_unlearning,
     promote_model,
     record_attempt,
     record_batch,
@@ -534,8 +535,9 @@ def _build_and_gate(paths: Paths, cfg: PipelineParams, client, attempt: escalati
     if attempt.exact:
         candidate = retrain_exact_model(paths, cfg, parent, [*earlier, batch_id], out)
     else:
-        candidate = run_unlearning(paths, escalation.attempt_params(cfg, attempt), parent,
-                                   batch_id, recent, out)
+        acfg = escalation.attempt_params(cfg, attempt)
+        prepared = prepare_unlearning(paths, acfg, parent, batch_id, recent)
+        candidate = run_unlearning(paths, acfg, parent, batch_id, recent, out, prepared)
     metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, recent, earlier)
     metrics.update(cumulative_drop(paths, cfg, client, lineage_of, metrics))
     if attempt.exact:

@@ -182,31 +182,135 @@ def pretrain_model(cfg: PipelineParams, out: Path, progress=None) -> dict[str, A
                                   if t.is_floating_point())}
 
 
+def _target(paths: Paths, cfg: PipelineParams, model, batch_id: str, earlier: list[str]):
+    """The forget set a batch is unlearned with: its rows, after those of ``earlier`` with
+    ``unlearn.include_earlier``."""
+    from unlearning.methods import ForgetSet
+
+    current = forget_set(paths, cfg, [batch_id], parent=model)
+    before = forget_set(paths, cfg, earlier, parent=model) if cfg.unlearn.include_earlier else None
+    return ForgetSet.concat([before, current]) if before is not None else current
+
+
+# set-ups kept in artifacts/prepared/, newest first (each is small next to a checkpoint)
+PREPARED_KEEP = 16
+
+
+def _setup_key(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
+               earlier: list[str]) -> str:
+    """What a method's set-up depends on: the parent's weights, the forget set's rows, the
+    dataset, the seed, the set-up settings (every param but the step budget), the device
+    and the torch build."""
+    import torch
+
+    from unlearning.methods import setup_settings
+
+    dataset = paths.dataset_dir / "dataset.json"
+    rows = [[r["instance_id"], r["objective"], r["new_label"]]
+            for b in ([*earlier, batch_id] if cfg.unlearn.include_earlier else [batch_id])
+            for r in read_rows(paths.manifest(b))]
+    blob = json.dumps({
+        "parent": parent["weights_sha256"], "method": cfg.unlearn.method,
+        "settings": setup_settings(cfg.unlearn.method, dict(cfg.unlearn.params)),
+        "seed": batch_seed(cfg.unlearn.seed, batch_id), "rows": rows,
+        "dataset": hashlib.sha256(dataset.read_bytes()).hexdigest() if dataset.is_file()
+        else cfg.dataset.name, "device": str(cfg.runtime.torch_device()),
+        "torch": torch.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def prepare_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
+                  earlier: list[str]) -> dict[str, Any] | None:
+    """The method's set-up for a batch on ``parent`` (``unlearning.methods.prepare``; for
+    ``l2ul`` the inverted importance and the anchors), kept in artifacts/prepared/<key>.pt
+    under ``_setup_key``: every attempt that differs only in its step budget (the
+    escalation's larger-budget entry), a retry on the same champion and a resumed run reuse
+    it. Returns {path, key, reused, seconds}; None when the method has no set-up or the
+    objective already holds. An unreadable or foreign file is computed again."""
+    import torch
+
+    from unlearning.methods import get_method, prepare
+    from unlearning.models import load_checkpoint
+
+    if get_method(cfg.unlearn.method).prepare is None:
+        return None
+    key = _setup_key(paths, cfg, parent, batch_id, earlier)
+    path = paths.artifacts / "prepared" / f"{key[:32]}.pt"
+    start = time.perf_counter()
+    if _read_setup(path, key) is not None:
+        path.touch()  # recently used: kept longest
+        return {"path": str(path), "key": key, "reused": True,
+                "seconds": time.perf_counter() - start}
+    device = cfg.runtime.torch_device()
+    model, _ = load_checkpoint(parent["path"], parent["weights_sha256"], device=device)
+    target = _target(paths, cfg, model, batch_id, earlier)
+    setup = prepare(cfg.unlearn.method, model, target, dict(cfg.unlearn.params),
+                    seed=batch_seed(cfg.unlearn.seed, batch_id))
+    if setup is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save({"key": key, "setup": setup}, partial)
+    partial.replace(path)  # whole or absent
+    kept = sorted(path.parent.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in kept[PREPARED_KEEP:]:
+        old.unlink(missing_ok=True)
+    return {"path": str(path), "key": key, "reused": False,
+            "seconds": time.perf_counter() - start}
+
+
+def _read_setup(path: Path, key: str) -> dict[str, Any] | None:
+    """The set-up stored at ``path`` for ``key``; None if absent, unreadable or another's."""
+    import pickle
+
+    import torch
+
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key:
+        return None
+    setup = stored.get("setup")
+    return setup if isinstance(setup, dict) else None
+
+
 def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
-                  earlier: list[str], out: Path, progress=None) -> dict[str, Any]:
+                  earlier: list[str], out: Path, progress=None,
+                  prepared: dict[str, Any] | None = None) -> dict[str, Any]:
     """Unlearn one batch from the parent checkpoint; save the candidate next to ``out``.
 
     With ``unlearn.include_earlier`` the instances of ``earlier`` batches (the pipeline passes
     those unlearned since the last exact model) join the forget set, so the early stop also
-    waits for them: every earlier deletion must stay deleted.
+    waits for them: every earlier deletion must stay deleted. ``prepared``: what
+    ``prepare_batch`` returned for the same arguments; the set-up it names is used instead
+    of computing it again (the same weights either way).
     """
     from unlearning.devices import describe_device
-    from unlearning.methods import ForgetSet, unlearn
+    from unlearning.methods import unlearn
     from unlearning.models import load_checkpoint, save_checkpoint
 
     device = cfg.runtime.torch_device()
     model, spec = load_checkpoint(parent["path"], parent["weights_sha256"], device=device)
-    current = forget_set(paths, cfg, [batch_id], parent=model)
-    before = forget_set(paths, cfg, earlier, parent=model) if cfg.unlearn.include_earlier else None
-    target = ForgetSet.concat([before, current]) if before is not None else current
+    target = _target(paths, cfg, model, batch_id, earlier)
     seed = batch_seed(cfg.unlearn.seed, batch_id)
+    setup = None
+    if prepared is not None:
+        setup = _read_setup(Path(prepared["path"]), prepared["key"])
+        if setup is not None and prepared["key"] != _setup_key(paths, cfg, parent, batch_id,
+                                                               earlier):
+            setup = None  # prepared for other arguments: computed here instead
     result = unlearn(cfg.unlearn.method, model, target, dict(cfg.unlearn.params), seed=seed,
-                     progress=progress)
+                     progress=progress, prepared=setup)
     fault("in:unlearn")
     sha = save_checkpoint(out, result.model, spec)
+    setup_s = prepared["seconds"] if prepared is not None and not prepared["reused"] else 0.0
     summary = {"path": str(out), "weights_sha256": sha, "seed": seed, "steps": result.steps,
                "device": describe_device(device),
-               "seconds": result.seconds, "reached": result.reached,
+               "setup": {"reused": bool(prepared and prepared["reused"] and setup is not None),
+                         "seconds": round(prepared["seconds"], 3) if prepared else None},
+               # the set-up counts as unlearning where this attempt computed it
+               "seconds": result.seconds + setup_s, "reached": result.reached,
                "satisfied": result.satisfied, "total": result.total,
                "info": {k: v for k, v in result.info.items()
                         if isinstance(v, (int, float, str, bool))}}

@@ -79,12 +79,22 @@ def adopt_model(paths: Paths, cfg: PipelineParams, request: dict[str, Any]) -> d
         return {"invalid": str(e)}
 
 
+@task(name="importance", cache_policy=NO_CACHE)
+def prepare_unlearning(paths: Paths, cfg: PipelineParams, parent: dict[str, Any],
+                       batch_id: str, earlier: list[str]) -> dict[str, Any] | None:
+    """The method's set-up (``l2ul``: inverted MAS importance and the anchors), computed once
+    per parent version, forget set and set-up settings and kept in artifacts/prepared/
+    (``release.prepare_batch``); Prefect's own task cache is off, the file is the cache."""
+    return release.prepare_batch(paths, cfg, parent, batch_id, earlier)
+
+
 @task(name="unlearn", cache_policy=NO_CACHE)
 def run_unlearning(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
-                   earlier: list[str], out: Path) -> dict[str, Any]:
-    """Importance, adversarial set and the bounded unlearning loop (the library's ``unlearn``)."""
+                   earlier: list[str], out: Path,
+                   prepared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bounded unlearning loop (the library's ``unlearn``) from the prepared set-up."""
     return _progress(f"unlearn {batch_id}", lambda p: release.unlearn_batch(
-        paths, cfg, parent, batch_id, earlier, out, p))
+        paths, cfg, parent, batch_id, earlier, out, p, prepared))
 
 
 @task(name="retrain-exact", cache_policy=NO_CACHE)

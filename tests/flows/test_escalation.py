@@ -81,8 +81,14 @@ def test_a_failing_release_is_escalated_in_the_same_run(tmp_path, monkeypatch, w
     rc, out, _ = cli("audit", "e-101")
     assert rc == 0 and "attempt 1: version 2 (l2ul" in out and "FAILED" in out
 
-    rc, out, err = cli("verify", "3")  # rebuilt with the policy's entry it was released by
-    assert rc == 0 and "reproduced" in out, out + err
+    # attempt 2 differs only in its step budget: it reused attempt 1's importance and anchors
+    folder = root / "artifacts" / "batches" / batch["batch_id"]
+    first_run = json.loads((folder / "unlearn.json").read_text())["setup"]
+    [second_run] = [json.loads(p.read_text())["setup"] for p in folder.glob("attempt-*/unlearn.json")]
+    assert (first_run["reused"], second_run["reused"]) == (False, True)
+    assert len(list((root / "artifacts" / "prepared").glob("*.pt"))) == 1
+    rc, out, err = cli("verify", "3")  # rebuilt with the policy's entry it was released by,
+    assert rc == 0 and "reproduced" in out, out + err  # its set-up computed afresh
     order = json.loads((root / "data" / "releases.json").read_text())["releases"]
     assert [(r["version"], r.get("method"), r.get("params")) for r in order] == [
         (1, None, None), (2, "l2ul", {"max_steps": 1}), (3, "l2ul", {"max_steps": 400})]

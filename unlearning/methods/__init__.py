@@ -21,10 +21,12 @@ from .registry import (
     get_method,
     list_methods,
     make_config,
+    prepare,
+    setup_settings,
     unlearn,
 )
 
 __all__ = [
     "OBJECTIVES", "ForgetSet", "MethodConfigError", "MethodInfo", "RetainSample", "UnlearnResult", "get_method",
-    "list_methods", "make_config", "unlearn",
+    "list_methods", "make_config", "prepare", "setup_settings", "unlearn",
 ]

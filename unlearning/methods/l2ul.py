@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,11 +177,7 @@ def mixup_pairs(x: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
     return lam * x[i] + (1 - lam) * x[j]
 
 
-@register("l2ul", L2ULConfig,
-          "the project's L2UL: bounded forget loss, distilled adversarial, shifted and "
-          "BN-inverted anchors, "
-          "frozen BatchNorm, inverted MAS importance", accepts_retain=True, objectives=OBJECTIVES)
-def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> None:
+def _check(cfg: L2ULConfig, forget: ForgetSet) -> None:
     if cfg.forget_loss not in ("margin", "neg-ce") or cfg.anchor_loss not in ("kl", "ce") \
             or cfg.optimizer not in ("adam", "sgd") or not cfg.lr > 0 or cfg.warmup_steps < 0 \
             or cfg.relax_patience < 0 or not 0 <= cfg.relax_progress < 1 \
@@ -190,9 +187,16 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
         raise ValueError(f"invalid l2ul config: {cfg}")
     if cfg.forget_loss == "neg-ce" and bool(forget.is_unseen.any()):
         raise ValueError("forget_loss='neg-ce' has no as-if-unseen form; use 'margin'")
+
+
+def l2ul_prepare(model, forget: ForgetSet, cfg: L2ULConfig, ctx: Context) -> dict[str, Any]:
+    """The set-up before the first step: inverted MAS importance and the anchor inputs
+    (adversarial, mixup, shifted and BN-inverted), labelled by the unchanged model. It does
+    not depend on the step budget, so escalation attempts that only raise ``max_steps``
+    share it (``registry.prepare``)."""
+    _check(cfg, forget)
     model.eval()
     num_classes = forward(model, forget.x[:1]).shape[1]
-    anchor_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     weights = inverted_importance(mas_importance(model, forget.x, train_mode=not cfg.freeze_bn)) \
         if cfg.use_importance else {}
 
@@ -219,12 +223,27 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
     row_weight = torch.ones(len(x_anchor))
     row_weight[len(x_adv) + len(x_mix): len(x_adv) + len(x_mix) + len(x_near)] = cfg.neighbour_weight
     perm = torch.randperm(len(x_anchor), generator=ctx.g)  # mix anchor kinds in every batch
-    x_anchor, teacher, hard, row_weight = x_anchor[perm], teacher[perm], hard[perm], row_weight[perm]
+    ctx.info.update(adversarial_examples=len(x_adv), mixup_anchors=len(x_mix),
+                    neighbour_anchors=len(x_near), synthetic_anchors=len(x_syn))
+    return {"importance": weights, "x_anchor": x_anchor[perm], "teacher": teacher[perm],
+            "hard": hard[perm], "row_weight": row_weight[perm]}
+
+
+@register("l2ul", L2ULConfig,
+          "the project's L2UL: bounded forget loss, distilled adversarial, shifted and "
+          "BN-inverted anchors, "
+          "frozen BatchNorm, inverted MAS importance", accepts_retain=True, objectives=OBJECTIVES,
+          prepare=l2ul_prepare)
+def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> None:
+    _check(cfg, forget)
+    setup = ctx.prepared if ctx.prepared is not None else l2ul_prepare(model, forget, cfg, ctx)
+    weights, x_anchor, teacher = setup["importance"], setup["x_anchor"], setup["teacher"]
+    hard, row_weight = setup["hard"], setup["row_weight"]
+    model.eval()
+    anchor_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     if retain is not None:  # privileged real data: its own batches, distilled the same way
         with torch.no_grad():
             retain_teacher = F.softmax(forward(model, retain.x), 1)
-    ctx.info.update(adversarial_examples=len(x_adv), mixup_anchors=len(x_mix),
-                    neighbour_anchors=len(x_near), synthetic_anchors=len(x_syn))
 
     # The bounded update: forget hinge + relaxing anchors (+ retain) + importance penalty.
     if cfg.optimizer == "adam":

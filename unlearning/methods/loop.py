@@ -42,6 +42,9 @@ class Context:
         self.ceiling = forget.ceilings_for(model)  # as-if-unseen targets, refreshed as it goes
         self.reached = bool(forget.satisfied_by(model).all())
         self.info: dict[str, Any] = {}
+        # the method's set-up, when it has one (``registry.prepare``): computed before the
+        # update, or handed in from a cache
+        self.prepared: dict[str, Any] | None = None
 
     @property
     def done(self) -> bool:

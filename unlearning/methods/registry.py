@@ -3,6 +3,12 @@
 A method is a function ``(model, forget, config, retain, ctx) -> None`` that updates
 ``model`` in place through ``ctx.step(loss)``; :func:`unlearn` copies the model first, bounds
 the loop, checks the objective after every step and stops as soon as it is met.
+
+A method may register a set-up (``prepare``): the work it does before its first step, which
+depends on the model, the forget set, the seed and its settings but not on the step budget
+(``l2ul``: inverted importance and its anchors). :func:`prepare` returns it with the random
+state after it, so a caller can keep it (``tasks.release.prepare_batch``) and hand it to
+:func:`unlearn`, which then skips the set-up and gives the same weights bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from ..train import Progress
 from .loop import Context, UnlearnResult
 
 MethodFn = Callable[[nn.Module, ForgetSet, Any, "RetainSample | None", Context], None]
+PrepareFn = Callable[[nn.Module, ForgetSet, Any, Context], dict[str, Any]]
+# the settings a set-up never reads: attempts that differ only in these share it
+BUDGET_FIELDS = ("max_steps",)
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class MethodInfo:
     needs_retain: bool = False
     accepts_retain: bool = False
     objectives: tuple[str, ...] = ("misclassify", "relabel")
+    prepare: PrepareFn | None = None  # the set-up before the first step, see the module doc
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -41,12 +51,13 @@ _REGISTRY: dict[str, MethodInfo] = {}
 
 def register(name: str, config_cls: type, summary: str, needs_retain: bool = False,
              accepts_retain: bool = False,
-             objectives: tuple[str, ...] = ("misclassify", "relabel")):
+             objectives: tuple[str, ...] = ("misclassify", "relabel"),
+             prepare: PrepareFn | None = None):
     def deco(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         _REGISTRY[name] = MethodInfo(name, fn, config_cls, summary, needs_retain,
-                                     accepts_retain or needs_retain, objectives)
+                                     accepts_retain or needs_retain, objectives, prepare)
         return fn
     return deco
 
@@ -121,6 +132,68 @@ def make_config(name: str, params: dict[str, Any] | None = None):
     return config
 
 
+def _config(method: str, params: dict[str, Any] | Any | None) -> Any:
+    config: Any = params if dataclasses.is_dataclass(params) else make_config(method, params)
+    try:
+        check_ranges(config)
+    except MethodConfigError as e:
+        raise MethodConfigError(e.key, e.detail, method) from None
+    return config
+
+
+def _start(model: nn.Module, forget: ForgetSet, config: Any, seed: int,
+           progress: Progress | None) -> tuple[nn.Module, torch.Generator, Context]:
+    """The seeded copy of ``model`` a method works on, and its loop context."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    work = copy.deepcopy(model)
+    for p in work.parameters():
+        p.requires_grad_(True)
+    return work, g, Context(work, forget, int(config.max_steps), g, progress)
+
+
+def setup_settings(method: str, params: dict[str, Any] | Any | None = None) -> dict[str, Any]:
+    """The settings ``method``'s set-up depends on (all but ``BUDGET_FIELDS``): with the
+    model, the forget set and the seed, they identify a :func:`prepare` result."""
+    config = _config(method, params)
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in BUDGET_FIELDS}
+
+
+def prepare(method: str, model: nn.Module, forget: ForgetSet,
+            params: dict[str, Any] | Any | None = None, seed: int = 0) -> dict[str, Any] | None:
+    """``method``'s set-up on ``model`` and ``forget`` (see the module doc), with the random
+    state and the model's buffers after it; None when the method has none or the objective
+    already holds (no step would run). Tensors, numbers and strings only: ``torch.save``
+    keeps it and ``torch.load(weights_only=True)`` reads it back."""
+    info = get_method(method)
+    if info.prepare is None:
+        return None
+    config = _config(method, params)
+    work, g, ctx = _start(model, forget, config, seed, None)
+    if ctx.reached:
+        return None
+    state = info.prepare(work, forget, config, ctx)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {"method": method, "state": state, "generator": g.get_state(),
+            "torch_rng": torch.get_rng_state(), "cuda_rng": cuda,
+            "buffers": {n: b.detach().clone() for n, b in work.named_buffers()},
+            "info": {k: v for k, v in ctx.info.items() if isinstance(v, (int, float, str, bool))}}
+
+
+def _resume(work: nn.Module, g: torch.Generator, ctx: Context, prepared: dict[str, Any]) -> None:
+    """Continue from a :func:`prepare` result as if the set-up had just run."""
+    g.set_state(prepared["generator"])
+    torch.set_rng_state(prepared["torch_rng"])
+    if prepared.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(prepared["cuda_rng"])
+    buffers = dict(work.named_buffers())
+    with torch.no_grad():
+        for name, value in prepared["buffers"].items():
+            buffers[name].copy_(value)
+    ctx.info.update(prepared["info"])
+    ctx.prepared = prepared["state"]
+
+
 def unlearn(
     method: str,
     model: nn.Module,
@@ -129,14 +202,15 @@ def unlearn(
     retain: RetainSample | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    prepared: dict[str, Any] | None = None,
 ) -> UnlearnResult:
-    """Run ``method`` on a copy of ``model``; the original is never modified."""
+    """Run ``method`` on a copy of ``model``; the original is never modified. ``prepared``:
+    :func:`prepare`'s result for the same model, forget set, seed and set-up settings (the
+    caller keys it so), used instead of running the set-up again."""
     info = get_method(method)
-    config: Any = params if dataclasses.is_dataclass(params) else make_config(method, params)
-    try:
-        check_ranges(config)
-    except MethodConfigError as e:
-        raise MethodConfigError(e.key, e.detail, method) from None
+    config = _config(method, params)
+    if prepared is not None and prepared.get("method") != method:
+        raise ValueError(f"a set-up prepared for {prepared.get('method')!r} cannot run {method!r}")
     if info.needs_retain and retain is None:
         raise ValueError(f"method {method!r} needs a retain sample")
     if retain is not None and not info.accepts_retain:
@@ -144,14 +218,14 @@ def unlearn(
     if bool(forget.is_unseen.any()) and "as-if-unseen" not in info.objectives:
         raise ValueError(f"method {method!r} does not support the as-if-unseen objective "
                          f"(it supports {', '.join(info.objectives)})")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    work = copy.deepcopy(model)
-    for p in work.parameters():
-        p.requires_grad_(True)
     start = time.perf_counter()
-    ctx = Context(work, forget, int(config.max_steps), g, progress)
+    work, g, ctx = _start(model, forget, config, seed, progress)
     if not ctx.reached:
+        if info.prepare is not None:
+            if prepared is not None:
+                _resume(work, g, ctx, prepared)
+            else:
+                ctx.prepared = info.prepare(work, forget, config, ctx)
         info.fn(work, forget, config, retain, ctx)
     work.eval()
     ok = forget.satisfied_by(work)
