@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from unlearning.benchmark import forget_set_for, variants_for
-from unlearning.methods import ForgetSet, RetainSample, list_methods, make_config, unlearn
+from unlearning.methods import (
+    ForgetSet,
+    RetainSample,
+    list_methods,
+    make_config,
+    prepare,
+    setup_settings,
+    unlearn,
+)
 from unlearning.methods.l2ul import shifted_copies, stalled
 from unlearning.models import weights_sha256
 
@@ -66,6 +74,28 @@ def test_unlearning_is_deterministic_for_a_seed(digits_model):
     a = unlearn("l2ul", model, forget, params, seed=7)
     b = unlearn("l2ul", model, forget, params, seed=7)
     assert weights_sha256(a.model) == weights_sha256(b.model)
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_a_kept_set_up_gives_the_same_weights(digits_model, tmp_path, freeze_bn):
+    """``prepare`` then ``unlearn(prepared=...)`` through a file equals one ``unlearn``; a
+    larger step budget shares the set-up (escalation attempts reuse it)."""
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 8, seed=2)
+    params = {"max_steps": 20, "synthesis_steps": 5, "freeze_bn": freeze_bn}
+    assert setup_settings("l2ul", params) == setup_settings("l2ul", {**params, "max_steps": 90})
+    setup = prepare("l2ul", model, forget, params, seed=5)
+    torch.save(setup, tmp_path / "setup.pt")
+    kept = torch.load(tmp_path / "setup.pt", weights_only=True)
+    for budget in (20, 40):
+        fresh = unlearn("l2ul", model, forget, {**params, "max_steps": budget}, seed=5)
+        reused = unlearn("l2ul", model, forget, {**params, "max_steps": budget}, seed=5,
+                         prepared=kept)
+        assert weights_sha256(reused.model) == weights_sha256(fresh.model)
+        assert reused.steps == fresh.steps and reused.info == fresh.info
+    assert prepare("neggrad", model, forget, {"max_steps": 5}) is None  # no set-up
+    with pytest.raises(ValueError, match="prepared for 'l2ul'"):
+        unlearn("l2ul-reference", model, forget, {"max_steps": 1}, prepared=kept)
 
 
 def test_retain_sample_only_for_methods_that_use_one(digits_model):
