@@ -154,7 +154,7 @@ class UnlearnParams(_Section):
     # the whole deletion history becomes the new base once this many rows were deleted since
     # the last exact model, or once this many held-out points were lost since it (0: off)
     consolidate_every: int = Field(default=0, ge=0, le=100_000_000)
-    consolidate_drop: float = Field(default=0.0, ge=0, le=100)
+    consolidate_drop: float = Field(default=0.0, ge=0, le=100, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _method_params(self, info: ValidationInfo) -> UnlearnParams:

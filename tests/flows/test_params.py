@@ -36,6 +36,9 @@ def test_defaults_fill_missing_sections():
     ({"pretrain": {"arch": "vgg"}}, "pretrain.arch: unknown model 'vgg'"),
     ({"unlearn": {"params": {"lr": "fast"}}}, "l2ul.lr must be float"),
     ({"unlearn": {"params": {"learning_rate": 0.1}}}, "unknown parameter(s) for l2ul"),
+    ({"unlearn": {"consolidate_drop": float("nan")}},
+     "unlearn.consolidate_drop: input should be a finite number (got nan)"),
+    ({"unlearn": {"consolidate_every": -1}}, "unlearn.consolidate_every"),
     ([1, 2], "expected a mapping"),
 ])
 def test_invalid_params_are_named(data, message):
