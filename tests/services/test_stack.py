@@ -131,6 +131,23 @@ def test_pipeline_on_tracking_server_postgres_ledger_and_s3(service_home, stack)
     (promoted,) = h.ledger_rows("SELECT version FROM promotions ORDER BY seq DESC LIMIT 1")
     assert promoted[0] == last  # the ledger and the champion alias agree
 
+    # the PostgreSQL ledger lost: commands refuse until `unlearn repair` rebuilds it from the
+    # registry and data/, with each batch's state and the champion's promotions
+    import psycopg
+
+    with psycopg.connect(h.env["UNLEARN_LEDGER_URL"], autocommit=True) as conn:
+        conn.execute("DROP TABLE batches, requests, releases, promotions")
+    refused = h.unlearn("run")
+    assert refused.returncode == 1 and "unlearn repair" in refused.stderr, refused.stderr
+    h.ok("repair")
+    repaired = h.json("requests")
+    assert not repaired["open"]
+    assert sorted((r["request_id"], r["status"]) for r in repaired["requests"]) == sorted(
+        (r["request_id"], r["status"]) for r in requests["requests"])
+    assert h.ledger_rows("SELECT state FROM batches") == [("done",), ("done",)]
+    assert h.json("releases")["champion"] == last
+    h.ok("run")  # the pipeline accepts the rebuilt ledger
+
 
 def champion_in(out: str) -> int:
     """The version a command's ``champion: version N`` line names."""
