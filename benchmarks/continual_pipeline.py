@@ -54,6 +54,10 @@ def command(home: Path, *args: str, ok_codes: tuple[int, ...] = (0,),
     return wall, done.stdout
 
 
+def number(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
 def set_params(home: Path, **sections: dict) -> None:
     path = home / "params.yaml"
     data = yaml.safe_load(path.read_text())
@@ -112,6 +116,9 @@ def main() -> None:
                 "run_s": run_s, "unlearn_s": batch.get("unlearn_seconds"),
                 "released_by": attempts[-1]["method"] if batch["state"] == "done" else None,
                 "attempts": [(a["method"], a["version"], a["passed"]) for a in attempts],
+                "failed_gates": [[f"{f['gate']} {number(f.get('value'))} (limit "
+                                  f"{number(f.get('limit'))})" for f in a.get("failures") or []]
+                                 for a in attempts],
                 "test_acc": (batch.get("metrics") or {}).get("test_acc"),
                 "cumulative_drop": (batch.get("metrics") or {}).get("cumulative_drop")})
             for c in result.get("consolidations") or []:
@@ -190,6 +197,9 @@ def render(r: dict) -> str:
         cons = "; ".join(f"v{c['version']} ({c['rows']} rows, test {c['test_acc']:.2f}%, "
                          f"{c['seconds']:.0f} s)" for c in after) or ""
         attempts = ", ".join(f"{m} v{v} {'pass' if p else 'fail'}" for m, v, p in x["attempts"])
+        failed = [g for gates in x.get("failed_gates") or [] for g in gates]
+        if failed:  # why the failed attempts failed, with the gate values
+            attempts += " (" + "; ".join(failed) + ")"
         test = f"{x['test_acc']:.2f}" if x["test_acc"] is not None else "-"
         gap = f"{x['gap_to_retrain']:.2f}" if x["gap_to_retrain"] is not None else "-"
         unl = f"{x['unlearn_s']:.0f}" if x["unlearn_s"] is not None else "-"
