@@ -266,7 +266,9 @@ def _read_setup(path: Path, key: str) -> dict[str, Any] | None:
     import torch
 
     try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        # each tensor back on the device it was made on (the key names the device): the
+        # importance lives beside the model's parameters, the anchors beside the data
+        stored = torch.load(path, weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
         return None
     if not isinstance(stored, dict) or stored.get("key") != key:
