@@ -309,8 +309,7 @@ def _built(attempt: escalation.Attempt, steps: list[dict[str, Any]] | None = Non
            ) -> dict[str, Any]:
     """What the ledger and data/releases.json record as a release's ``built_with``: its
     method and params, and for a replay applied with several attempts, one per batch."""
-    return {"method": attempt.method, "params": attempt.params,
-            **({"steps": steps} if steps else {})}
+    return {**attempt.record(), **({"steps": steps} if steps else {})}
 
 
 def _publish(paths: Paths, cfg: PipelineParams, version: int, parent: int, batches: list[str],
@@ -846,7 +845,7 @@ def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) 
     passed = all(s["gates"]["passed"] for s in steps) and len(steps) == len(missing)
     gates = {**steps[-1]["gates"], "passed": passed,
              "failures": sorted({f for s in steps for f in s["gates"]["failures"]})}
-    used = [escalation.Attempt(s["method"], s["params"]) for s in steps]
+    used = [escalation.Attempt.from_record(s) for s in steps]
     extra, built = {}, _built(primary)
     if any(a != primary for a in used):  # `unlearn verify` and `dvc repro` follow each step
         records = [_built(a) for a in used]

@@ -52,6 +52,14 @@ class Attempt:
         extra = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
         return f"{self.method}({extra})" if extra else self.method
 
+    def record(self) -> dict[str, Any]:
+        """As the ledger, data/releases.json and the ``replay_steps`` tag keep it."""
+        return {"method": self.method, "params": self.params}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Attempt:
+        return cls(record["method"], dict(record.get("params") or {}))
+
 
 def primary(cfg: PipelineParams) -> Attempt:
     return Attempt(cfg.unlearn.method, dict(cfg.unlearn.params))
@@ -105,8 +113,7 @@ def replay_steps(cfg: PipelineParams, tags: dict[str, str],
     version's ``replay_steps`` tag (None when the version has none: one attempt for all)."""
     if "replay_steps" not in tags:
         return None
-    steps = [Attempt(s["method"], dict(s.get("params") or {}))
-             for s in json.loads(tags["replay_steps"])]
+    steps = [Attempt.from_record(s) for s in json.loads(tags["replay_steps"])]
     if len(steps) != len(batches):
         raise ValueError(f"replay_steps names {len(steps)} attempt(s) for {len(batches)} "
                          "batch(es)")

@@ -296,12 +296,10 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     model, spec = load_checkpoint(parent["path"], parent["weights_sha256"], device=device)
     target = _target(paths, cfg, model, batch_id, earlier)
     seed = batch_seed(cfg.unlearn.seed, batch_id)
-    setup = None
-    if prepared is not None:
+    setup = None  # prepared for other arguments, or gone: computed here instead
+    if prepared is not None and prepared["key"] == _setup_key(paths, cfg, parent, batch_id,
+                                                              earlier):
         setup = _read_setup(Path(prepared["path"]), prepared["key"])
-        if setup is not None and prepared["key"] != _setup_key(paths, cfg, parent, batch_id,
-                                                               earlier):
-            setup = None  # prepared for other arguments: computed here instead
     result = unlearn(cfg.unlearn.method, model, target, dict(cfg.unlearn.params), seed=seed,
                      progress=progress, prepared=setup)
     fault("in:unlearn")

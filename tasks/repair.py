@@ -362,12 +362,10 @@ def rebuild_ledger(paths: Paths, cfg: PipelineParams, stores: Stores,
             if parent is not None:  # the method and params it was built with, from its tags
                 tags = stores.versions[version]["lineage"]
                 attempt = attempt_of(cfg, tags)
-                built = {"method": attempt.method, "params": attempt.params}
+                built = attempt.record()
                 steps = replay_steps(cfg, tags, batches)
                 if steps:  # a replay the escalation policy completed: one attempt per batch
-                    built = {"method": steps[-1].method, "params": steps[-1].params,
-                             "steps": [{"method": s.method, "params": s.params}
-                                       for s in steps]}
+                    built = {**steps[-1].record(), "steps": [s.record() for s in steps]}
             ledger.add_release(version, parent, batches, stores.versions[version]["gates_passed"],
                                built)
             done.append(f"release {version} (version {parent or 'none'} + "

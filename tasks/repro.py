@@ -102,9 +102,8 @@ def _recent_before_last(load: PipelineParams, entry: dict[str, Any],
                         recent: list[str]) -> list[str]:
     """What the last step of a release kept forgotten besides its own batch, from ``recent``
     of its parent: each earlier step adds its batch, an exact step starts over."""
-    attempts = ([escalation.Attempt(s["method"], dict(s.get("params") or {}))
-                 for s in entry["steps"]] if entry.get("steps")
-                else [_attempt(load, entry)] * len(entry["batches"]))
+    attempts = ([escalation.Attempt.from_record(s) for s in entry["steps"]]
+                if entry.get("steps") else [_attempt(load, entry)] * len(entry["batches"]))
     out = list(recent)
     for batch_id, attempt in zip(entry["batches"][:-1], attempts[:-1], strict=True):
         out = [] if attempt.exact else out + [batch_id]
@@ -179,8 +178,7 @@ def _rebuild(paths: Paths, load: PipelineParams, entry: dict[str, Any], parent: 
     holds; ``recent``: those it unlearned since the last exact model."""
     batches, attempt = entry["batches"], _attempt(load, entry)
     if entry.get("steps"):
-        attempts = [escalation.Attempt(s["method"], dict(s.get("params") or {}))
-                    for s in entry["steps"]]
+        attempts = [escalation.Attempt.from_record(s) for s in entry["steps"]]
         return escalation.rebuild_steps(paths, load, parent, batches, attempts, earlier,
                                         recent, folder)
     if attempt.exact:
