@@ -363,7 +363,12 @@ def rebuild_ledger(paths: Paths, cfg: PipelineParams, stores: Stores,
                 tags = stores.versions[version]["lineage"]
                 attempt = attempt_of(cfg, tags)
                 built = attempt.record()
-                steps = replay_steps(cfg, tags, batches)
+                try:
+                    steps = replay_steps(cfg, tags, batches)
+                except (ValueError, KeyError, TypeError) as e:  # a hand-edited tag
+                    steps = None
+                    done.append(f"release {version}: its replay_steps tag is unreadable ({e}); "
+                                f"recorded with its last method, {attempt.method}, alone")
                 if steps:  # a replay the escalation policy completed: one attempt per batch
                     built = {**steps[-1].record(), "steps": [s.record() for s in steps]}
             ledger.add_release(version, parent, batches, stores.versions[version]["gates_passed"],

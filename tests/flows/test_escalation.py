@@ -153,6 +153,19 @@ def test_rollback_reapply_replays_an_escalated_batch_with_the_policy(tmp_path, m
     assert {int(v): r["weights_sha256"] for v, r in rebuilt.items()} == {
         v: d["lineage"]["weights_sha256"] for v, d in versions.items()}
 
+    # a broken replay_steps tag: repair says so in one line and still rebuilds the ledger
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    client.set_model_version_tag("forget-classifier", "4", "replay_steps", "{not json")
+    for path in (root / "artifacts").glob("ledger.db*"):
+        path.unlink()
+    rc, out, err = cli("repair")
+    assert rc == 0 and "release 4: its replay_steps tag is unreadable" in out, out + err
+    with Ledger(root / "artifacts" / "ledger.db") as ledger:
+        built = ledger.release(4)["built_with"]
+    assert built["method"] == "l2ul" and "steps" not in built
+
 
 def test_an_open_obligation_is_listed_and_retried_exactly(tmp_path, monkeypatch, write_params):
     root = _state(monkeypatch, tmp_path, write_params, fallback=[])
