@@ -25,17 +25,22 @@ demo: setup  ## the main job on the embedded digits data: pretrain, batches, gat
 # `make test` is what CI (.ci/run) runs: every test, slow ones included (the browser tests
 # need Debian's chromium; .ci/run installs it). A skipped test fails the run (--no-skips), and
 # so does a run that collects nothing (pytest exit 5). ARGS passes more pytest options.
-PYTEST := $(BIN)/python -m pytest
-ARGS   ?=
+# WORKERS: pytest-xdist processes (2, the CI machine's cores; 0 runs in this process).
+# Each test file stays on one worker (--dist loadfile), so a file's module fixtures are built
+# once; two processes keep both cores busy while a test waits on a server or a child process.
+PYTEST  := $(BIN)/python -m pytest
+WORKERS ?= 2
+ARGS    ?=
+XDIST   := -n $(WORKERS) --dist loadfile
 
 test: setup  ## the whole suite CI runs: slow, browser and real-server tests included
-	$(PYTEST) --no-skips --durations=30 $(ARGS)
+	$(PYTEST) $(XDIST) --no-skips --durations=30 $(ARGS)
 
 test-fast: setup  ## the quick loop: slow tests excluded (-m "not slow")
-	$(PYTEST) -m "not slow" --durations=15 $(ARGS)
+	$(PYTEST) $(XDIST) -m "not slow" --durations=15 $(ARGS)
 
 test-unit test-data test-model test-flows test-ui test-services: test-%: setup  ## one tier: tests/<tier>, slow included
-	$(PYTEST) tests/$* --no-skips --durations=15 $(ARGS)
+	$(PYTEST) tests/$* $(XDIST) --no-skips --durations=15 $(ARGS)
 
 lint: setup  ## ruff and mypy
 	$(BIN)/ruff check unlearning tasks flows tests
