@@ -61,6 +61,21 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def kill_leftovers(home: Path) -> None:
+    """SIGKILL every process still working on ``home`` (its UNLEARN_HOME): a flow run that
+    the runner had just started in a subprocess of its own outlives the runner."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get("UNLEARN_HOME") == str(home):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
 def test_interval_schedule_processes_pending_batch(home, prefect_server, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-server")),
@@ -118,3 +133,4 @@ def run_scheduled(home, env: dict, port: int, server_log, serve_log) -> str:
         for proc in (serve, server):
             if proc is not None:
                 stop(proc)
+        kill_leftovers(home.home)
