@@ -472,7 +472,7 @@ def _attempt(paths: Paths, cfg: PipelineParams, client, batch_id: str, champion:
     first = attempt == escalation.primary(cfg)
     folder = paths.batch_dir(batch_id) / ("" if first else f"attempt-{attempt.key[:8]}")
     acfg = escalation.attempt_params(cfg, attempt)
-    base = {"method": attempt.method, "params": attempt.params, "exact": attempt.exact,
+    base = {**attempt.record(), "exact": attempt.exact,
             "escalated_from": tried[-1]["version"] if tried else None}
     if not tried:  # a retry: escalated from the batch's last failed version, if any
         versions = escalation.batch_versions(client, cfg.registry.model_name, batch_id)
@@ -836,7 +836,7 @@ def _replay(paths: Paths, cfg: PipelineParams, target: int, missing: list[str]) 
             if gates["passed"]:
                 break
         steps.append({"batch_id": batch_id, "gates": gates, "metrics": metrics,
-                      "method": attempt.method, "params": attempt.params})
+                      **attempt.record()})
         earlier = earlier + [batch_id]
         recent = [] if attempt.exact else recent + [batch_id]  # an exact step: nothing drifts
         current = {**candidate, "version": None, "tags": base["tags"]}

@@ -45,7 +45,7 @@ class Attempt:
     @property
     def key(self) -> str:
         """Identifies the attempt among a batch's versions (a resumed run finds its own)."""
-        blob = json.dumps({"method": self.method, "params": self.params}, sort_keys=True)
+        blob = json.dumps(self.record(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def describe(self) -> str:

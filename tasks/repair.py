@@ -232,7 +232,7 @@ def _attempts(cfg: PipelineParams, stores: Stores, batch_id: str) -> list[dict[s
         failures = list(v["gate_failures"])
         out.append({
             "attempt": int(tags["attempt"]) if tags["attempt"].isdigit() else len(out) + 1,
-            "version": version, "method": attempt.method, "params": attempt.params,
+            "version": version, **attempt.record(),
             "exact": attempt.exact, "passed": v["gates_passed"],
             "escalated_from": int(tags["escalated_from"])
             if tags.get("escalated_from", "").isdigit() else None,

@@ -161,7 +161,7 @@ def _attempt(load: PipelineParams, entry: dict[str, Any]) -> escalation.Attempt:
     if consolidation.is_consolidation(entry):
         return escalation.Attempt(EXACT_RETRAIN)
     if entry.get("method"):
-        return escalation.Attempt(entry["method"], dict(entry.get("params") or {}))
+        return escalation.Attempt.from_record(entry)
     return escalation.primary(load)
 
 
