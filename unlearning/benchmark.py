@@ -29,6 +29,7 @@ L2UL_ABLATION: dict[str, dict[str, Any]] = {
     "l2ul -margin(neg-ce)": {"forget_loss": "neg-ce"},
     "l2ul margin=1": {"margin": 1.0},
     "l2ul lr=3e-4": {"lr": 3e-4},
+    "l2ul forget average over active rows": {"forget_average": "active"},
     "l2ul -kl(hard-ce)": {"anchor_loss": "ce"},
     "l2ul -neighbours": {"neighbour_shifts": 0},
     "l2ul neighbours 4x0.1": {"neighbour_shifts": 4, "neighbour_weight": 0.1},
@@ -127,7 +128,13 @@ def exact_retrain(ds: ImageDataset, model_factory: Callable[[], torch.nn.Module]
     return UnlearnResult(model=model, reached=bool(ok.all()),
                          steps=config.epochs * steps_per_epoch(rows, config.batch_size),
                          seconds=seconds, satisfied=int(ok.sum()), total=len(forget),
-                         info={"trained_on": rows, "exact": True})
+                         info={"trained_on": rows, "exact": True},
+                         grad_examples=retrain_grad_examples(rows, config))
+
+
+def retrain_grad_examples(rows: int, config: TrainConfig) -> int:
+    """A retrain's cost in example-gradient evaluations: every row once per epoch."""
+    return config.epochs * rows
 
 
 # Retain accuracy and the MIA's member side are measured on this many training rows outside
@@ -207,6 +214,7 @@ def run_group(
         re_model, re_seconds = removal
         retrained = model_metrics(re_model, ds, forget_x, forget_y, retain_eval, seed)
         reference = {"retrain_seconds": re_seconds,
+                     "retrain_grad_examples": retrain_grad_examples(ds.num_train - k, config.train),
                      **{f"retrain_{m}": v for m, v in retrained.items()}}
     rows: list[dict] = []
     for objective, v in pairs:
@@ -231,10 +239,13 @@ def run_group(
             "test_acc_before": test_before, "test_acc_after": measured["test_acc"],
             "test_drop": test_before - measured["test_acc"],
             "steps": res.steps, "unlearn_seconds": res.seconds,
+            "grad_examples": res.grad_examples, "forward_examples": res.forward_examples,
             **reference,
         }
         if "retrain_seconds" in row:
             row["speedup_vs_retrain"] = row["retrain_seconds"] / max(res.seconds, 1e-9)
+            row["gradient_saving_vs_retrain"] = (row["retrain_grad_examples"]
+                                                 / max(res.grad_examples, 1))
             # The reference removes the rows; a relabel run is meant to differ from it.
             row["gap_to_retrain"] = (None if objective == "relabel"
                                      else gap_to_retrain(measured, retrained))
@@ -318,6 +329,7 @@ def run_continual(ds: ImageDataset, model: torch.nn.Module, variant: Variant, ob
             "test_acc_before": test_start, "test_acc_after": after,
             "round_test_drop": before - after, "cumulative_test_drop": test_start - after,
             "steps": res.steps, "unlearn_seconds": res.seconds,
+            "grad_examples": res.grad_examples, "forward_examples": res.forward_examples,
         }
         before = after
         rows.append(row)
@@ -393,6 +405,12 @@ def summary_table(rows: list[dict]) -> list[dict[str, str]]:
                 entry["gap_to_retrain_pp"] = _mean_sd(gaps)
             entry["retrain_s"] = _mean_sd([r["retrain_seconds"] for r in rs])
             entry["speedup"] = _mean_sd([r["speedup_vs_retrain"] for r in rs])
+            if all("grad_examples" in r for r in rs):
+                entry["gradients"] = _mean_sd([float(r["grad_examples"]) for r in rs])
+                entry["retrain_gradients"] = _mean_sd(
+                    [float(r["retrain_grad_examples"]) for r in rs])
+                entry["gradient_saving"] = _mean_sd(
+                    [r["gradient_saving_vs_retrain"] for r in rs])
         table.append(entry)
     return table
 

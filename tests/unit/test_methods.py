@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearning.benchmark import forget_set_for, variants_for
+from unlearning.benchmark import forget_set_for, retrain_grad_examples, variants_for
 from unlearning.methods import (
     ForgetSet,
     RetainSample,
@@ -15,8 +15,9 @@ from unlearning.methods import (
     setup_settings,
     unlearn,
 )
-from unlearning.methods.l2ul import shifted_copies, stalled
+from unlearning.methods.l2ul import margin_loss, shifted_copies, stalled
 from unlearning.models import weights_sha256
+from unlearning.train import TrainConfig
 
 
 def test_registry_lists_the_methods_and_refuses_unknown_names():
@@ -74,6 +75,36 @@ def test_unlearning_is_deterministic_for_a_seed(digits_model):
     a = unlearn("l2ul", model, forget, params, seed=7)
     b = unlearn("l2ul", model, forget, params, seed=7)
     assert weights_sha256(a.model) == weights_sha256(b.model)
+
+
+def test_the_cost_is_counted_in_example_gradients(digits_model):
+    """Every example a method backpropagates counts once, the set-up's too; forward-only
+    passes (objective checks, teacher labels) are counted apart."""
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 8, seed=0)
+    neg = unlearn("neggrad", model, forget, {"max_steps": 5}, seed=0)
+    assert neg.grad_examples == neg.steps * len(forget)
+    assert neg.forward_examples >= neg.steps * len(forget)  # the objective after each step
+    params = {"max_steps": 6, "synthesis_steps": 5}
+    fresh = unlearn("l2ul", model, forget, params, seed=0)
+    kept = unlearn("l2ul", model, forget, params, seed=0,
+                   prepared=prepare("l2ul", model, forget, params, seed=0))
+    assert kept.grad_examples == kept.steps * (len(forget) + make_config("l2ul").anchor_batch)
+    # the set-up (importance, adversarial examples, BN inversion of 256 anchors) on top
+    assert fresh.grad_examples - kept.grad_examples >= 256 * 5
+    assert retrain_grad_examples(1000, TrainConfig(epochs=3)) == 3000
+
+
+def test_the_active_forget_average_keeps_the_pull_on_the_rows_left():
+    forget = ForgetSet.build(torch.zeros(4, 1, 2, 2), torch.tensor([0, 0, 0, 0]), "misclassify",
+                             num_classes=3)
+    logits = torch.tensor([[0.0, 5.0, 0.0]] * 3 + [[1.0, 0.0, 0.0]])  # 3 rows done, 1 left
+    assert margin_loss(logits, forget, 0.2).item() == pytest.approx(1.2 / 4)
+    assert margin_loss(logits, forget, 0.2, active_only=True).item() == pytest.approx(1.2)
+    done = torch.tensor([[0.0, 5.0, 0.0]] * 4)
+    assert margin_loss(done, forget, 0.2, active_only=True).item() == 0.0
+    with pytest.raises(ValueError, match="forget_average"):
+        make_config("l2ul", {"forget_average": "some"})
 
 
 @pytest.mark.parametrize("freeze_bn", [True, False])

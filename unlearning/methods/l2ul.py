@@ -67,6 +67,9 @@ from .registry import MethodConfigError, register
 class L2ULConfig:
     forget_loss: str = "margin"  # "margin" | "neg-ce" (reference)
     margin: float = 0.2
+    # "active": the hinge is averaged over the rows still short of their margin, so the last
+    # rows of a large batch keep the pull the whole batch had; "all": over every row.
+    forget_average: str = "all"
     anchor_loss: str = "kl"  # "kl" | "ce" (reference: CE on the adversarial target labels)
     anchor_weight: float = 100.0
     anchor_decay: float = 0.995  # per step, on forget-derived anchors (not on a retain sample)
@@ -101,7 +104,7 @@ class L2ULConfig:
         when it is loaded, not when a batch runs); ranges common to every method (finite
         floats, positive lr, counts) are ``registry.check_ranges``."""
         for key, allowed in (("forget_loss", ("margin", "neg-ce")), ("anchor_loss", ("kl", "ce")),
-                             ("optimizer", ("adam", "sgd"))):
+                             ("optimizer", ("adam", "sgd")), ("forget_average", ("all", "active"))):
             if getattr(self, key) not in allowed:
                 raise MethodConfigError(key, f"must be one of {', '.join(allowed)}, got "
                                              f"{getattr(self, key)!r}")
@@ -115,7 +118,7 @@ class L2ULConfig:
 
 
 def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float,
-                ceiling: torch.Tensor | None = None) -> torch.Tensor:
+                ceiling: torch.Tensor | None = None, active_only: bool = False) -> torch.Tensor:
     """Hinge on the logit margin; zero for rows already ``margin`` past their boundary.
 
     Misclassify rows:   relu(z_avoid - max_{j != avoid} z_j + margin).
@@ -132,7 +135,10 @@ def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float,
     if ceiling is not None:
         excess = confidence_logit(logits, forget.y) - ceiling
         gap = torch.where(forget.is_unseen, excess, gap)
-    return F.relu(gap + margin).mean()
+    hinge = F.relu(gap + margin)
+    if active_only:  # rows past their margin give no gradient; the rest share the whole pull
+        return hinge.sum() / (hinge > 0).sum().clamp(min=1)
+    return hinge.mean()
 
 
 def distill(logits: torch.Tensor, teacher_probs: torch.Tensor,
@@ -263,8 +269,9 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
     while not ctx.done:
         model.train(not cfg.freeze_bn)
         logits = forward(model, forget.x)
-        loss = margin_loss(logits, forget, cfg.margin, ctx.ceiling) if cfg.forget_loss == "margin" \
-            else directional_ce(logits, forget)
+        loss = margin_loss(logits, forget, cfg.margin, ctx.ceiling,
+                           active_only=cfg.forget_average == "active") \
+            if cfg.forget_loss == "margin" else directional_ce(logits, forget)
         forget_losses.append(loss.item())
         if n_anchor:
             idx = torch.arange(cursor, cursor + min(cfg.anchor_batch, n_anchor)) % n_anchor

@@ -22,6 +22,31 @@ class UnlearnResult:
     satisfied: int
     total: int
     info: dict[str, Any] = field(default_factory=dict)
+    # The cost in examples (:class:`ExampleCount`): set-up included, unless it was handed in.
+    grad_examples: int = 0
+    forward_examples: int = 0
+
+
+class ExampleCount:
+    """Counts the examples a model is run on while it is attached: ``grad`` for forward passes
+    recorded by autograd (each is backpropagated: an example-gradient evaluation, the unit a
+    retrain's cost is counted in too), ``forward`` for the rest (labels, objective checks).
+    Unlike wall seconds it does not depend on the machine or its load."""
+
+    def __init__(self, model: nn.Module):
+        self.grad = 0
+        self.forward = 0
+        self._handle = model.register_forward_hook(self._seen)
+
+    def _seen(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        rows = len(inputs[0]) if inputs and isinstance(inputs[0], torch.Tensor) else 0
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            self.grad += rows
+        else:
+            self.forward += rows
+
+    def detach(self) -> None:
+        self._handle.remove()
 
 
 # Steps between re-reads of the as-if-unseen targets from the model being unlearned.

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..forget_set import ForgetSet, RetainSample
 from ..train import Progress
-from .loop import Context, UnlearnResult
+from .loop import Context, ExampleCount, UnlearnResult
 
 MethodFn = Callable[[nn.Module, ForgetSet, Any, "RetainSample | None", Context], None]
 PrepareFn = Callable[[nn.Module, ForgetSet, Any, Context], dict[str, Any]]
@@ -220,6 +220,7 @@ def unlearn(
                          f"(it supports {', '.join(info.objectives)})")
     start = time.perf_counter()
     work, g, ctx = _start(model, forget, config, seed, progress)
+    count = ExampleCount(work)
     if not ctx.reached:
         if info.prepare is not None:
             if prepared is not None:
@@ -229,8 +230,9 @@ def unlearn(
         info.fn(work, forget, config, retain, ctx)
     work.eval()
     ok = forget.satisfied_by(work)
+    count.detach()
     return UnlearnResult(
         model=work, reached=bool(ok.all()), steps=ctx.steps,
         seconds=time.perf_counter() - start, satisfied=int(ok.sum()), total=len(ok),
-        info=ctx.info,
+        info=ctx.info, grad_examples=count.grad, forward_examples=count.forward,
     )
