@@ -120,8 +120,8 @@ def _metric_key(*parts: Any) -> str:
 def aggregate_metrics(rows: list[dict]) -> dict[str, float]:
     """Mean over seeds per (method, objective, k[, round]) of the numeric row fields."""
     fields = ("test_drop", "forget_acc", "relabel_success", "steps", "unlearn_seconds",
-              "speedup_vs_retrain", "grad_examples", "gradient_saving_vs_retrain", "objective_rate", "earlier_objective_rate",
-              "cumulative_test_drop", "test_acc_after")
+              "speedup_vs_retrain", "grad_examples", "gradient_saving_vs_retrain",
+              "objective_rate", "earlier_objective_rate", "cumulative_test_drop", "test_acc_after")
     keys = ("method", "objective", "k", "round") if rows and "round" in rows[0] else \
         ("method", "objective", "k")
     out: dict[str, float] = {}
