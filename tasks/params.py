@@ -136,7 +136,7 @@ def _check_fallback(entries: list[FallbackEntry]) -> None:
         except MethodConfigError as e:
             raise ValueError(f"{key}.params.{e.key}: {e.detail}") from None
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{key}.params: {str(e).strip(chr(39) + chr(34))}") from None
+            raise ValueError(f"{key}.params: {e}") from None
 
 
 class UnlearnParams(_Section):
@@ -168,7 +168,7 @@ class UnlearnParams(_Section):
             raise PydanticCustomError("method_param", "{detail}",
                                       {"key": e.key, "detail": e.detail}) from None
         except (KeyError, ValueError) as e:
-            raise ValueError(str(e).strip("'\"")) from None
+            raise ValueError(str(e)) from None
         _check_fallback(self.fallback)
         return self
 

@@ -247,7 +247,7 @@ def cmd_bench(args) -> int:
         variants = B.variants_for(methods, args.ablation, overrides)
         ds = load_dataset(args.dataset, args.data_dir)
     except (KeyError, ValueError, DatasetError) as e:
-        raise UsageError(str(e).strip("'\"")) from None
+        raise UsageError(str(e)) from None
     _check_methods_fit(methods, objectives, args.retain_fraction)
     needed = max(args.k) * (args.rounds or 1)
     if needed > ds.num_train:

@@ -52,6 +52,9 @@ def _content(rows: list[dict]) -> list[dict]:
      "does not support objective as-if-unseen"),
     (["--serial", "--methods", "finetune"], "needs a retain sample"),
     (["--serial", "--objective", "forget"], "--objective must be"),
+    (["--serial", "--methods", "nope"], "unknown method 'nope'; choose one of"),
+    (["--serial", "--set", "l2ul.optimizer=foo"],
+     "invalid l2ul config: optimizer: must be one of adam, sgd, got 'foo'"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("UNLEARN_HOME", str(tmp_path))

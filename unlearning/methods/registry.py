@@ -66,9 +66,18 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+class UnknownMethodError(KeyError):
+    """A method name the registry does not have. A KeyError, whose ``str`` would be the
+    message's repr; this one is the message itself, ready for a one-line error."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def get_method(name: str) -> MethodInfo:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(list_methods())}")
+        raise UnknownMethodError(f"unknown method {name!r}; choose one of "
+                                 f"{', '.join(list_methods())}")
     return _REGISTRY[name]
 
 
