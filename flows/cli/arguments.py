@@ -26,3 +26,28 @@ def version_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a version number (1, 2, ...), got "
                                          f"{text[:40]!r}")
     return value
+
+MAX_WATCH_SECONDS = 86_400
+
+
+def watch_seconds(text: str) -> float:
+    """``run --watch``'s interval: seconds between looks for new batches, 1 to a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value <= MAX_WATCH_SECONDS:  # (a NaN fails both comparisons)
+        raise argparse.ArgumentTypeError(f"expected seconds from 1 to {MAX_WATCH_SECONDS}, "
+                                         f"got {text[:40]!r}")
+    return value
+
+
+def positive_count(text: str) -> int:
+    """A count on the command line: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1, got {text[:40]!r}")
+    return value

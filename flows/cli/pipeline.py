@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .arguments import positive_count, watch_seconds
 from .errors import EXIT_FAILED, EXIT_OK, Failure, UsageError
 from .output import emit, finish, say
 from .runtime import (
     context,
+    load_release_stack,
     refuse_if_damaged,
     require_dataset,
     run_flow,
@@ -91,8 +93,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_submit)
 
-    p = sub.add_parser("run", help="process every pending batch now (a Prefect flow run)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser(
+        "run", help="process every pending batch now (a Prefect flow run)",
+        description="Process every pending batch now, in submission order, each from the "
+                    "current champion. With --watch the command stays: every SECONDS it "
+                    "looks for batches submitted since and processes them in the same process, "
+                    "so the stack is loaded and Prefect started once, not for every batch. "
+                    "Ctrl-C or SIGTERM stops it (SIGTERM after the pass under way).")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON (with --watch: one line per pass)")
+    p.add_argument("--watch", type=watch_seconds, metavar="SECONDS",
+                   help="keep running and look for new batches every SECONDS (1 to 86400)")
+    p.add_argument("--stop-after", type=positive_count, metavar="N",
+                   help="with --watch: stop after N passes that processed batches")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("serve", help="process pending batches on a schedule (Prefect "
@@ -260,12 +273,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.stop_after is not None and args.watch is None:
+        raise UsageError("--stop-after needs --watch")
     paths, cfg = context()
     start_prefect_early()
     refuse_if_damaged(paths, cfg, served=True)
     require_dataset(cfg)
     from flows.pipeline import process_deletions_flow
 
+    if args.watch is not None:
+        load_release_stack()
+        return _watch(args, paths)
+    if _has_pending(paths):
+        load_release_stack()
     say(f"processing pending batches (state: {paths.home})")
     result = run_flow(process_deletions_flow, home=str(paths.home))
     rejected = [b for b in result.get("batches", []) if b["state"] == "rejected"]
@@ -274,14 +294,73 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif result.get("status") != "ok":
         raise Failure(result.get("reason", "failed"))
     else:
-        for b in result["batches"]:
-            print(_batch_line(b))
-        if not result["batches"]:
-            print("no pending batches")
-        for c in result.get("consolidations") or []:
-            print(consolidation_line(c))
-        print(f"champion: version {result['champion']}")
+        _print_run(result)
     return EXIT_FAILED if rejected or result.get("status") != "ok" else EXIT_OK
+
+
+def _print_run(result: dict[str, Any]) -> None:
+    for b in result["batches"]:
+        print(_batch_line(b), flush=True)
+    if not result["batches"]:
+        print("no pending batches", flush=True)
+    for c in result.get("consolidations") or []:
+        print(consolidation_line(c), flush=True)
+    print(f"champion: version {result['champion']}", flush=True)
+
+
+def _watch(args: argparse.Namespace, paths) -> int:
+    """``run --watch``: a pass (the state check, then the flow) whenever the ledger holds
+    pending batches, else a wait of ``--watch`` seconds. The loop ends on SIGTERM (after the
+    pass under way; a batch cut short by Ctrl-C or a kill stays pending, as in a one-shot
+    run), after ``--stop-after`` passes, or on the first pass that fails: a damaged state or
+    a crash ends the command with that line (exit 1) rather than failing again every
+    SECONDS. A pass refused because another pipeline command holds the lock waits for the
+    next look. Each pass reloads params.yaml."""
+    import json
+    import signal
+    import threading
+    import time
+
+    from flows.pipeline import process_deletions_flow
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    say(f"watching for pending batches every {args.watch:g} s (state: {paths.home}); "
+        "Ctrl-C or SIGTERM stops")
+    passes = 0
+    try:
+        while not stop.is_set() and passes < (args.stop_after or float("inf")):
+            if not _has_pending(paths):
+                stop.wait(args.watch)
+                continue
+            start = time.perf_counter()
+            paths, cfg = context()
+            refuse_if_damaged(paths, cfg, served=True)
+            result = run_flow(process_deletions_flow, home=str(paths.home))
+            result["seconds"] = time.perf_counter() - start
+            if result.get("busy"):
+                say(f"skipped a pass: {result['reason']}")
+                stop.wait(args.watch)
+                continue
+            if result.get("status") != "ok":
+                raise Failure(result.get("reason", "failed"))
+            passes += 1
+            if args.json:
+                print(json.dumps(result, default=str), flush=True)
+            else:
+                _print_run(result)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return EXIT_OK
+
+
+def _has_pending(paths) -> bool:
+    from tasks.ledger import Ledger, ledger_present
+
+    if not ledger_present(paths.ledger):
+        return False
+    with Ledger(paths.ledger) as ledger:
+        return bool(ledger.batches("pending"))
 
 def consolidation_line(c: dict[str, Any]) -> str:
     """One consolidation (``flows.pipeline._consolidate_if_due``) as the run reports it."""

@@ -136,6 +136,21 @@ def start_prefect_early() -> None:
                      daemon=True).start()
 
 
+def load_release_stack() -> None:
+    """Import what a batch's release steps use (Great Expectations for the validation,
+    MLflow's PyTorch flavour and torch.export's tracer for the registration's pt2 model)
+    before the flow starts: in a fresh process this fills the wait for Prefect's temporary
+    server (the server starts in a process of its own, on the other core), and a long-lived
+    ``run --watch`` pays it once, before the first batch, instead of inside it."""
+    import contextlib
+
+    import great_expectations  # noqa: F401
+    import mlflow.pytorch  # noqa: F401
+
+    with contextlib.suppress(ImportError):  # what torch.export.export loads on first use
+        import torch.export._trace  # noqa: F401
+
+
 def _await_prefect() -> None:
     """The temporary server is up (or the API is elsewhere) before a flow runs."""
     ready = _EARLY.get("ready")
@@ -176,7 +191,8 @@ def run_flow(flow_fn, **kwargs: Any) -> dict[str, Any]:
     quiet_prefect_errors()
     _await_prefect()
     try:
-        return flow_fn(**kwargs)
+        with _no_heartbeats_on_a_temporary_server():
+            return flow_fn(**kwargs)
     except (UsageError, Failure):
         raise
     except Exception as e:  # noqa: BLE001  (any crash: one line; Prefect logged it)
@@ -187,6 +203,24 @@ def run_flow(flow_fn, **kwargs: Any) -> dict[str, Any]:
         after = "; retry when it is back" if down else ""
         raise Failure(f"{what} (nothing half-applied: unfinished batches stay "
                       f"pending{after})") from None
+
+def _no_heartbeats_on_a_temporary_server():
+    """Flow-run heartbeats let a lasting server mark a run whose process died as crashed.
+    Prefect's temporary server dies with this process, so nobody would read them there,
+    and the heartbeat thread, which sleeps in one-second steps, holds the end of every
+    flow run for up to a second. Off on the temporary server; as configured on a real one."""
+    import contextlib
+
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+
+    if PREFECT_API_URL.value():
+        return contextlib.nullcontext()
+    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
 
 def refuse_if_damaged(paths, cfg, served: bool = False, snapshot: bool = False) -> None:
     """Commands that would change the state (and those whose answer comes from the ledger)

@@ -1,0 +1,178 @@
+"""``unlearn run --watch``: one long-lived process that releases batches as they are submitted.
+
+Real processes against one state folder and the session's Prefect server:
+
+- each batch submitted while the watcher waits is released by the next pass (one JSON line
+  per pass, timed), and a pass refused because another command holds the pipeline lock is
+  skipped, not fatal: the batch is released once the lock is free;
+- SIGTERM while idle ends the watcher at once (exit 0);
+- a pass that fails (a pending batch's manifest is gone) ends the watcher with that one line
+  (exit 1) instead of failing again every few seconds, and loses nothing: with the manifest
+  back, the batch is released;
+- bad options are refused on one line (exit 2) before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from flow_helpers import Home, cli, cli_json, pretrained_home
+
+from tasks.ledger import Ledger
+from tasks.locks import pipeline_lock
+
+pytestmark = pytest.mark.flow
+WAIT = 300  # seconds for one pass on 2 shared cores, generously
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, prefect_server, write_params):
+    return pretrained_home(tmp_path_factory.mktemp("watch"), write_params, first_id=300)
+
+
+class Watcher:
+    """``unlearn run --watch 1 ARGS`` in its own process; its stdout and stderr lines are
+    read as they come (a full pipe never stops it)."""
+
+    def __init__(self, home: Home, *args: str) -> None:
+        exe = shutil.which("unlearn", path=os.path.dirname(sys.executable))
+        env = {**os.environ, "UNLEARN_HOME": str(home.paths.home),
+               "PREFECT_API_URL": home.api_url, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([exe, "run", "--watch", "1", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env)
+        self.out: queue.Queue[str] = queue.Queue()
+        self.err: queue.Queue[str] = queue.Queue()
+        self.said: list[str] = []
+        for stream, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, q=into: [q.put(line) for line in s],
+                             daemon=True).start()
+
+    def said_line(self, start: str, timeout: float = WAIT) -> str:
+        """The first stderr line that starts with ``start``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.err.get(timeout=1)
+            except queue.Empty:
+                assert self.proc.poll() is None or not self.err.empty(), \
+                    f"the watcher exited {self.proc.returncode}: {self.said[-3:]}"
+                continue
+            self.said.append(line.rstrip())
+            if line.startswith(start):
+                return line.rstrip()
+        raise AssertionError(f"no line starting {start!r} in {timeout} s: {self.said[-3:]}")
+
+    def next_pass(self, timeout: float = WAIT) -> dict:
+        try:
+            return json.loads(self.out.get(timeout=timeout))
+        except queue.Empty:
+            raise AssertionError(f"no pass in {timeout} s (exit {self.proc.poll()}): "
+                                 f"{self.said[-3:]}") from None
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def champion(home: Home) -> int:
+    rc, listing = cli_json("releases")
+    assert rc == 0
+    return int(listing["champion"])
+
+
+def test_releases_each_batch_as_it_arrives_and_waits_out_a_held_lock(home, monkeypatch):
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    before = champion(home)
+    watcher = Watcher(home, "--json", "--stop-after", "2")
+    try:
+        watcher.said_line("watching for pending batches every 1 s")
+        assert cli("submit", str(home.manifest(2, tag="w")))[0] == 0
+        first = watcher.next_pass()
+        assert first["status"] == "ok" and [b["state"] for b in first["batches"]] == ["done"]
+        batch = first["batches"][0]
+        assert first["champion"] == batch["version"] > before
+        # the pass is timed around the state check and the flow: at least the batch itself
+        assert first["seconds"] >= batch["seconds"] >= batch["unlearn_seconds"] > 0
+
+        with pipeline_lock(home.paths) as got:  # another pipeline command is running
+            assert got
+            assert cli("submit", str(home.manifest(2, tag="w")))[0] == 0
+            skipped = watcher.said_line("skipped a pass: another pipeline command is running")
+            assert f"process {os.getpid()}" in skipped
+            with Ledger(home.paths.ledger) as ledger:
+                assert len(ledger.batches("pending")) == 1  # refused: nothing moved
+        second = watcher.next_pass()
+        assert [b["state"] for b in second["batches"]] == ["done"]
+        assert second["champion"] == second["batches"][0]["version"] > first["champion"]
+        assert watcher.wait() == 0  # --stop-after 2
+    finally:
+        watcher.stop()
+    assert champion(home) == second["champion"]
+
+
+def test_sigterm_while_idle_stops_at_once(home):
+    watcher = Watcher(home)
+    try:
+        watcher.said_line("watching for pending batches")
+        start = time.monotonic()
+        watcher.proc.send_signal(signal.SIGTERM)
+        assert watcher.wait(timeout=30) == 0
+        assert time.monotonic() - start < 10
+    finally:
+        watcher.stop()
+
+
+def test_a_failed_pass_ends_the_watch_and_loses_nothing(home, monkeypatch):
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
+    assert rc == 0, err
+    batch_id = out.split(":")[0]
+    manifest = home.paths.manifest(batch_id)
+    kept = manifest.read_bytes()
+    manifest.unlink()  # a pending batch's input is gone
+    watcher = Watcher(home)
+    try:
+        assert watcher.wait(timeout=WAIT) == 1
+        for line in watcher.proc.stderr or []:
+            watcher.said.append(line.rstrip())
+        while not watcher.err.empty():
+            watcher.said.append(watcher.err.get().rstrip())
+    finally:
+        watcher.stop()
+    failure = [line for line in watcher.said if line.startswith("unlearn run: failed:")]
+    assert len(failure) == 1 and batch_id in failure[0], watcher.said
+    with Ledger(home.paths.ledger) as ledger:
+        assert [b.batch_id for b in ledger.batches("pending")] == [batch_id]
+    manifest.write_bytes(kept)
+    rc, result = cli_json("run")
+    assert rc == 0 and [(b["batch_id"], b["state"]) for b in result["batches"]] == \
+        [(batch_id, "done")]
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--watch", "0"), "argument --watch: expected seconds from 1 to 86400, got '0'"),
+    (("--watch", "nan"), "argument --watch: expected seconds from 1 to 86400, got 'nan'"),
+    (("--watch", "1e9"), "argument --watch: expected seconds from 1 to 86400, got '1e9'"),
+    (("--watch", "1", "--stop-after", "0"),
+     "argument --stop-after: expected a whole number from 1, got '0'"),
+    (("--stop-after", "2"), "--stop-after needs --watch"),
+])
+def test_bad_options_are_one_line(home, monkeypatch, args, says):
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    rc, out, err = cli("run", *args)
+    assert rc == 2 and out == ""
+    assert err.strip().splitlines() == [f"unlearn run: error: {says}"]
