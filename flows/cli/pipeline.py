@@ -1,6 +1,10 @@
 """``unlearn`` commands that move deletions through the pipeline: pretrain, adopt, submit,
 run, serve, demo.
 
+``unlearn run --watch SECONDS`` stays in one process and releases batches as they are
+submitted: the stack is imported and Prefect started once. Prefect's runner (``serve``, a
+worker) starts a fresh process for every flow run instead, which pays the imports each time.
+
 Schedules need a real Prefect server (the temporary one cannot schedule)::
 
     PREFECT_HOME=$PWD/.prefect prefect server start --host 127.0.0.1 --port 4200 &
