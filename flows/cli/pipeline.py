@@ -103,7 +103,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "current champion. With --watch the command stays: every SECONDS it "
                     "looks for batches submitted since and processes them in the same process, "
                     "so the stack is loaded and Prefect started once, not for every batch. "
-                    "Ctrl-C or SIGTERM stops it (SIGTERM after the pass under way).")
+                    "Ctrl-C or SIGTERM stops it: at once while it waits (exit 0); during a "
+                    "flow run, that run ends where it is and its unfinished batches stay "
+                    "pending for the next run (exit 143 for SIGTERM, 130 for Ctrl-C).")
     p.add_argument("--json", action="store_true",
                    help="print the result as JSON (with --watch: one line per pass)")
     p.add_argument("--watch", type=watch_seconds, metavar="SECONDS",
@@ -314,16 +316,21 @@ def _print_run(result: dict[str, Any]) -> None:
 
 def _watch(args: argparse.Namespace, paths) -> int:
     """``run --watch``: a pass (the state check, then the flow) whenever the ledger holds
-    pending batches, else a wait of ``--watch`` seconds. The loop ends on SIGTERM (after the
-    pass under way; a batch cut short by Ctrl-C or a kill stays pending, as in a one-shot
-    run), after ``--stop-after`` passes, or on the first pass that fails: a damaged state or
-    a crash ends the command with that line (exit 1) rather than failing again every
+    pending batches, else a wait of ``--watch`` seconds. Each pass reloads params.yaml.
+
+    It ends after ``--stop-after`` passes; on SIGTERM, at once while it waits (exit 0) and,
+    during a flow run, the way Prefect stops one (the run ends where it is, its unfinished
+    batches stay pending for the next run, as after a killed one-shot run: exit 143); on
+    Ctrl-C the same (exit 130); and on the first pass that fails: a damaged state or a
+    crash ends the command with that line (exit 1) rather than failing again every
     SECONDS. A pass refused because another pipeline command holds the lock waits for the
-    next look. Each pass reloads params.yaml."""
+    next look."""
     import json
     import signal
     import threading
     import time
+
+    from prefect.exceptions import TerminationSignal
 
     from flows.pipeline import process_deletions_flow
 
@@ -338,9 +345,17 @@ def _watch(args: argparse.Namespace, paths) -> int:
                 stop.wait(args.watch)
                 continue
             start = time.perf_counter()
+            say("pass: pending batches found")
             paths, cfg = context()
             refuse_if_damaged(paths, cfg, served=True)
-            result = run_flow(process_deletions_flow, home=str(paths.home))
+            if stop.is_set():
+                break
+            try:
+                result = run_flow(process_deletions_flow, home=str(paths.home))
+            except TerminationSignal:
+                say("unlearn run: stopped by SIGTERM during a flow run (nothing half-applied: "
+                    "unfinished batches stay pending)")
+                return 128 + signal.SIGTERM
             result["seconds"] = time.perf_counter() - start
             if result.get("busy"):
                 say(f"skipped a pass: {result['reason']}")

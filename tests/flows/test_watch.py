@@ -5,7 +5,9 @@ Real processes against one state folder and the session's Prefect server:
 - each batch submitted while the watcher waits is released by the next pass (one JSON line
   per pass, timed), and a pass refused because another command holds the pipeline lock is
   skipped, not fatal: the batch is released once the lock is free;
-- SIGTERM while idle ends the watcher at once (exit 0);
+- SIGTERM while idle ends the watcher at once (exit 0); during a flow run it ends that run
+  where it is (exit 143) and loses nothing: the batch stays pending and the next run
+  releases it;
 - a pass that fails (a pending batch's manifest is gone) ends the watcher with that one line
   (exit 1) instead of failing again every few seconds, and loses nothing: with the manifest
   back, the batch is released;
@@ -134,6 +136,29 @@ def test_sigterm_while_idle_stops_at_once(home):
         assert time.monotonic() - start < 10
     finally:
         watcher.stop()
+
+
+def test_sigterm_during_a_flow_run_leaves_the_batch_pending(home, monkeypatch):
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    watcher = Watcher(home)
+    try:
+        watcher.said_line("watching for pending batches")
+        rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
+        assert rc == 0, err
+        batch_id = out.split(":")[0]
+        watcher.said_line("pass: pending batches found")
+        time.sleep(3)  # past the state check: the flow run is under way (a pass takes > 5 s)
+        watcher.proc.send_signal(signal.SIGTERM)
+        assert watcher.wait(timeout=120) == 143
+        stopped = watcher.said_line("unlearn run: stopped by SIGTERM during a flow run")
+        assert "unfinished batches stay pending" in stopped
+    finally:
+        watcher.stop()
+    with Ledger(home.paths.ledger) as ledger:
+        assert [b.batch_id for b in ledger.batches("pending")] == [batch_id]
+    rc, result = cli_json("run")
+    assert rc == 0 and [(b["batch_id"], b["state"]) for b in result["batches"]] == \
+        [(batch_id, "done")]
 
 
 def test_a_failed_pass_ends_the_watch_and_loses_nothing(home, monkeypatch):
