@@ -16,16 +16,26 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
-def version_number(text: str) -> int:
-    """A model version on the command line: an integer >= 1."""
+def _whole(text: str, expected: str) -> int:
+    """An integer from 1 to MAX_VERSION, or an argparse error saying what was ``expected``."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if not 1 <= value <= MAX_VERSION:
-        raise argparse.ArgumentTypeError(f"expected a version number (1, 2, ...), got "
-                                         f"{text[:40]!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text[:40]!r}")
     return value
+
+
+def version_number(text: str) -> int:
+    """A model version on the command line: an integer >= 1."""
+    return _whole(text, "a version number (1, 2, ...)")
+
+
+def positive_count(text: str) -> int:
+    """A count on the command line: an integer >= 1."""
+    return _whole(text, "a whole number from 1")
+
 
 MAX_WATCH_SECONDS = 86_400
 
@@ -39,15 +49,4 @@ def watch_seconds(text: str) -> float:
     if not 1 <= value <= MAX_WATCH_SECONDS:  # (a NaN fails both comparisons)
         raise argparse.ArgumentTypeError(f"expected seconds from 1 to {MAX_WATCH_SECONDS}, "
                                          f"got {text[:40]!r}")
-    return value
-
-
-def positive_count(text: str) -> int:
-    """A count on the command line: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_VERSION:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1, got {text[:40]!r}")
     return value
