@@ -1,6 +1,7 @@
 """``unlearn run --watch``: one long-lived process that releases batches as they are submitted.
 
-Real processes against one state folder and the session's Prefect server:
+Real processes against one state folder and the session's Prefect server (one of them on
+Prefect's temporary server, the default set-up):
 
 - each batch submitted while the watcher waits is released by the next pass (one JSON line
   per pass, timed), and a pass refused because another command holds the pipeline lock is
@@ -45,10 +46,13 @@ class Watcher:
     """``unlearn run --watch 1 ARGS`` in its own process; its stdout and stderr lines are
     read as they come (a full pipe never stops it)."""
 
-    def __init__(self, home: Home, *args: str) -> None:
+    def __init__(self, home: Home, *args: str, temporary_server: bool = False) -> None:
         exe = shutil.which("unlearn", path=os.path.dirname(sys.executable))
         env = {**os.environ, "UNLEARN_HOME": str(home.paths.home),
                "PREFECT_API_URL": home.api_url, "OMP_NUM_THREADS": "1"}
+        if temporary_server:  # as on a fresh machine: Prefect's temporary server, in here
+            env.pop("PREFECT_API_URL")
+            env["PREFECT_HOME"] = str(home.paths.home / ".prefect-watch")
         self.proc = subprocess.Popen([exe, "run", "--watch", "1", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env)
@@ -124,6 +128,23 @@ def test_releases_each_batch_as_it_arrives_and_waits_out_a_held_lock(home, monke
     finally:
         watcher.stop()
     assert champion(home) == second["champion"]
+
+
+def test_on_prefects_temporary_server(home, monkeypatch):
+    """The default set-up (no PREFECT_API_URL): the watcher starts Prefect's temporary server
+    once and releases a batch through it."""
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    watcher = Watcher(home, "--json", "--stop-after", "1", temporary_server=True)
+    try:
+        watcher.said_line("watching for pending batches")
+        assert cli("submit", str(home.manifest(2, tag="w")))[0] == 0
+        passed = watcher.next_pass()
+        assert [b["state"] for b in passed["batches"]] == ["done"]
+        assert passed["champion"] == passed["batches"][0]["version"]
+        assert watcher.wait() == 0
+    finally:
+        watcher.stop()
+    assert champion(home) == passed["champion"]
 
 
 def test_sigterm_while_idle_stops_at_once(home):
