@@ -46,10 +46,11 @@ class Watcher:
     """``unlearn run --watch 1 ARGS`` in its own process; its stdout and stderr lines are
     read as they come (a full pipe never stops it)."""
 
-    def __init__(self, home: Home, *args: str, temporary_server: bool = False) -> None:
+    def __init__(self, home: Home, *args: str, temporary_server: bool = False,
+                 **extra_env: str) -> None:
         exe = shutil.which("unlearn", path=os.path.dirname(sys.executable))
         env = {**os.environ, "UNLEARN_HOME": str(home.paths.home),
-               "PREFECT_API_URL": home.api_url, "OMP_NUM_THREADS": "1"}
+               "PREFECT_API_URL": home.api_url, "OMP_NUM_THREADS": "1", **extra_env}
         if temporary_server:  # as on a fresh machine: Prefect's temporary server, in here
             env.pop("PREFECT_API_URL")
             env["PREFECT_HOME"] = str(home.paths.home / ".prefect-watch")
@@ -159,16 +160,20 @@ def test_sigterm_while_idle_stops_at_once(home):
         watcher.stop()
 
 
-def test_sigterm_during_a_flow_run_leaves_the_batch_pending(home, monkeypatch):
+def test_sigterm_during_a_flow_run_leaves_the_batch_pending(home, monkeypatch, tmp_path):
     monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
-    watcher = Watcher(home)
+    gate = tmp_path / "gate"  # the flow run waits at the point while this file exists
+    gate.write_text("")
+    watcher = Watcher(home, UNLEARN_FAULT="after:lock=wait", UNLEARN_FAULT_GATE=str(gate))
     try:
         watcher.said_line("watching for pending batches")
         rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
         assert rc == 0, err
         batch_id = out.split(":")[0]
-        watcher.said_line("pass: pending batches found")
-        time.sleep(3)  # past the state check: the flow run is under way (a pass takes > 5 s)
+        deadline = time.monotonic() + WAIT
+        while not gate.with_name("gate.reached").exists():  # the flow run holds the lock
+            assert time.monotonic() < deadline and watcher.proc.poll() is None, watcher.said
+            time.sleep(0.2)
         watcher.proc.send_signal(signal.SIGTERM)
         assert watcher.wait(timeout=120) == 143
         stopped = watcher.said_line("unlearn run: stopped by SIGTERM during a flow run")
