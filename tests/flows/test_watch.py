@@ -189,23 +189,23 @@ def test_sigterm_during_a_flow_run_leaves_the_batch_pending(home, monkeypatch, t
 
 def test_a_failed_pass_ends_the_watch_and_loses_nothing(home, monkeypatch):
     monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
-    rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
-    assert rc == 0, err
-    batch_id = out.split(":")[0]
-    manifest = home.paths.manifest(batch_id)
-    kept = manifest.read_bytes()
-    manifest.unlink()  # a pending batch's input is gone
     watcher = Watcher(home)
     try:
-        assert watcher.wait(timeout=WAIT) == 1
-        for line in watcher.proc.stderr or []:
-            watcher.said.append(line.rstrip())
-        while not watcher.err.empty():
-            watcher.said.append(watcher.err.get().rstrip())
+        watcher.said_line("watching for pending batches")
+        with pipeline_lock(home.paths) as got:  # no pass gets through while the input goes
+            assert got
+            rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
+            assert rc == 0, err
+            batch_id = out.split(":")[0]
+            manifest = home.paths.manifest(batch_id)
+            kept = manifest.read_bytes()
+            manifest.unlink()  # a pending batch's input is gone
+            failure = watcher.said_line("unlearn run: failed:")
+            assert watcher.wait(timeout=WAIT) == 1
     finally:
         watcher.stop()
-    failure = [line for line in watcher.said if line.startswith("unlearn run: failed:")]
-    assert len(failure) == 1 and batch_id in failure[0], watcher.said
+    assert batch_id in failure, failure
+    assert any(line.startswith("pass: pending batches found") for line in watcher.said)
     with Ledger(home.paths.ledger) as ledger:
         assert [b.batch_id for b in ledger.batches("pending")] == [batch_id]
     manifest.write_bytes(kept)
