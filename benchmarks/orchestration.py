@@ -47,14 +47,19 @@ UNLEARN = [sys.executable, "-m", "flows"]
 LISTINGS = (("--help",), ("releases",), ("requests",))
 
 
+def unlearn_env(home: Path) -> dict[str, str]:
+    """The environment of every ``unlearn`` process the benchmark starts."""
+    env = {**os.environ, "UNLEARN_HOME": str(home), "UNLEARN_PROGRESS": "0"}
+    env.pop("PREFECT_API_URL", None)  # the default: Prefect's temporary local server
+    return env
+
+
 def command(home: Path, *args: str, timeout: float = 1800) -> tuple[float, str]:
     """Run ``unlearn ARGS`` in its own process; (wall seconds, stdout). A failure stops the
     benchmark with the command's own error line."""
-    env = {**os.environ, "UNLEARN_HOME": str(home), "UNLEARN_PROGRESS": "0"}
-    env.pop("PREFECT_API_URL", None)  # the default: Prefect's temporary local server
     start = time.perf_counter()
-    done = subprocess.run([*UNLEARN, *args], cwd=home, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    done = subprocess.run([*UNLEARN, *args], cwd=home, env=unlearn_env(home),
+                          capture_output=True, text=True, timeout=timeout, check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -62,13 +67,15 @@ def command(home: Path, *args: str, timeout: float = 1800) -> tuple[float, str]:
     return wall, done.stdout
 
 
-def manifest(path: Path, batch: int, k: int) -> list[str]:
-    """``k`` misclassify rows; ids spaced so that no two batches share an instance (both
-    modes' batches fit in digits' 1,437 training rows)."""
+def submit(home: Path, batch: int, k: int) -> None:
+    """``unlearn submit`` of ``k`` misclassify rows (requests ``bench-BATCH-I``); ids spaced
+    so that no two batches share an instance (both modes' batches fit in digits' 1,437
+    training rows)."""
     ids = [3 + 7 * (batch * k + i) for i in range(k)]
     rows = [f"bench-{batch}-{i},{x},misclassify," for i, x in enumerate(ids)]
+    path = home / f"batch-{batch}.csv"
     path.write_text("request_id,instance_id,objective,new_label\n" + "\n".join(rows) + "\n")
-    return [f"bench-{batch}-{i}" for i in range(k)]
+    command(home, "submit", str(path))
 
 
 def split(b: int, k: int, wall: float, batch: dict) -> dict:
@@ -90,8 +97,7 @@ def one_shot(home: Path, batches: range, k: int) -> list[dict]:
     """``unlearn submit`` + ``unlearn run --json`` per batch, one process per command."""
     runs = []
     for b in batches:
-        manifest(home / f"batch-{b}.csv", b, k)
-        command(home, "submit", str(home / f"batch-{b}.csv"))
+        submit(home, b, k)
         run_s, out = command(home, "run", "--json")
         runs.append(split(b, k, run_s, released(json.loads(out)["batches"], b)))
     return runs
@@ -101,12 +107,11 @@ def watching(home: Path, batches: range, k: int, timeout: float = 1800) -> tuple
     """One ``unlearn run --watch 1 --json`` for every batch; each batch is submitted once the
     watcher has reported the one before. Returns (seconds until the watcher was ready to
     take the first batch, the passes)."""
-    env = {**os.environ, "UNLEARN_HOME": str(home), "UNLEARN_PROGRESS": "0"}
-    env.pop("PREFECT_API_URL", None)
     start = time.perf_counter()
     watcher = subprocess.Popen(
         [*UNLEARN, "run", "--watch", "1", "--json", "--stop-after", str(len(batches))],
-        cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=home, env=unlearn_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
     try:
         assert watcher.stderr is not None and watcher.stdout is not None
         ready = None
@@ -120,8 +125,7 @@ def watching(home: Path, batches: range, k: int, timeout: float = 1800) -> tuple
         threading.Thread(target=watcher.stderr.read, daemon=True).start()
         runs = []
         for b in batches:
-            manifest(home / f"batch-{b}.csv", b, k)
-            command(home, "submit", str(home / f"batch-{b}.csv"))
+            submit(home, b, k)
             line = watcher.stdout.readline()
             if not line:
                 raise SystemExit(f"unlearn run --watch exited {watcher.wait()} at batch {b}")
@@ -166,9 +170,8 @@ def main() -> None:
         watch_ready_s, watch_runs = watching(home, range(args.batches, 2 * args.batches),
                                              args.k)
         releases = len(json.loads(command(home, "releases", "--json")[1])["versions"])
-        request = "bench-0-0"
         interactive = [timed(home, a, args.repeat) for a in LISTINGS]
-        interactive.append(timed(home, ("audit", request), args.repeat))
+        interactive.append(timed(home, ("audit", "bench-0-0"), args.repeat))  # batch 0's first
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

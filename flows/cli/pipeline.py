@@ -289,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.watch is not None:
         load_release_stack()
-        return _watch(args, paths)
+        return _watch(args, paths, process_deletions_flow)
     if _has_pending(paths):
         load_release_stack()
     say(f"processing pending batches (state: {paths.home})")
@@ -314,7 +314,7 @@ def _print_run(result: dict[str, Any]) -> None:
     print(f"champion: version {result['champion']}", flush=True)
 
 
-def _watch(args: argparse.Namespace, paths) -> int:
+def _watch(args: argparse.Namespace, paths, process_deletions_flow) -> int:
     """``run --watch``: a pass (the state check, then the flow) whenever the ledger holds
     pending batches, else a wait of ``--watch`` seconds. Each pass reloads params.yaml.
 
@@ -331,8 +331,6 @@ def _watch(args: argparse.Namespace, paths) -> int:
     import time
 
     from prefect.exceptions import TerminationSignal
-
-    from flows.pipeline import process_deletions_flow
 
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
