@@ -110,9 +110,12 @@ PREDICT = PREPROCESS + textwrap.dedent("""
 """)
 
 
-def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``script`` in a plain Python process working in ``cwd``: an MLflow store on SQLite
+    keeps its artifacts under ./mlruns of the process that creates it, which must not be the
+    checkout (the project's own mlruns/ would then hold a stranger's models)."""
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
-                          text=True, timeout=timeout, check=False, env=PLAIN_ENV)
+                          text=True, timeout=timeout, check=False, env=PLAIN_ENV, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -122,7 +125,7 @@ def team(tmp_path_factory):
     """The team's images, trained model (``weights.pt``) and MLflow store (``theirs.db``)."""
     folder = tmp_path_factory.mktemp("team")
     store = f"sqlite:///{folder / 'theirs.db'}"
-    done = _run(TRAIN, str(folder), store)
+    done = _run(TRAIN, str(folder), store, cwd=folder)
     train_acc = json.loads(done.stdout.strip().splitlines()[-1])["train_acc"]
     assert train_acc > 0.6, train_acc  # a small model, but a model
     return {"folder": folder, "images": folder / "images", "weights": str(folder / "weights.pt"),
@@ -169,7 +172,8 @@ def _delete_and_release(team, paths: Paths) -> None:
     files = keys + held_out
     preds = _run(PREDICT, paths.tracking_uri, team["weights"], str(team["images"]),
                  json.dumps(files), "models:/forget-classifier/1",
-                 "models:/forget-classifier@champion").stdout.strip().splitlines()[-1]
+                 "models:/forget-classifier@champion",
+                 cwd=team["folder"]).stdout.strip().splitlines()[-1]
     found = json.loads(preds)
     theirs, v1, champion = (found[k] for k in ("theirs", "models:/forget-classifier/1",
                                                "models:/forget-classifier@champion"))
