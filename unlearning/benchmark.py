@@ -7,6 +7,7 @@ after batch, earlier deletions checked every round). Pure PyTorch + numpy; the C
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -66,15 +67,34 @@ class BenchConfig:
 
 
 def variants_for(methods: list[str], ablation: bool = False,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> tuple[Variant, ...]:
-    """Variants for method names (validated), l2ul expanded into its ablation if asked."""
+                 overrides: dict[str, dict[str, Any]] | None = None,
+                 sweep: tuple[str, str, list[Any]] | None = None) -> tuple[Variant, ...]:
+    """Variants for method names (validated), l2ul expanded into its ablation if asked;
+    ``sweep`` (method, key, values): that method once per value, labelled ``METHOD KEY=VALUE``,
+    so the values meet the same forget sets in one run."""
     overrides = overrides or {}
+    if sweep is not None:
+        swept, key, values = sweep
+        if swept not in methods:
+            raise ValueError(f"the swept method {swept} is not among the methods "
+                             f"({', '.join(methods)})")
+        if swept == "l2ul" and ablation:
+            raise ValueError("a sweep of l2ul does not combine with its ablation")
+        if key in overrides.get(swept, {}):
+            raise ValueError(f"{swept}.{key} is both swept and set")
+        if len(values) < 2 or len(set(map(json.dumps, values))) < len(values):
+            raise ValueError(f"a sweep needs two or more different values, got {values}")
     out: list[Variant] = []
     for m in methods:
         get_method(m)  # raises for unknown names
         base = overrides.get(m, {})
         make_config(m, base)  # raises for unknown/mistyped parameters
-        if m == "l2ul" and ablation:
+        if sweep is not None and m == sweep[0]:
+            for value in sweep[2]:
+                params = {**base, sweep[1]: value}
+                make_config(m, params)
+                out.append(Variant(f"{m} {sweep[1]}={json.dumps(value)}", m, params))
+        elif m == "l2ul" and ablation:
             out += [Variant(label, m, {**base, **extra}) for label, extra in L2UL_ABLATION.items()]
         else:
             out.append(Variant(m, m, base))

@@ -32,6 +32,18 @@ def _param(text: str) -> tuple[str, str, object]:
     return method, name, value
 
 
+def _sweep(text: str) -> tuple[str, str, list[object]]:
+    """``method.key=v1,v2,...``, each value parsed as JSON when possible."""
+    method, name, raw = _param(text)
+    values = []
+    for piece in str(raw if isinstance(raw, str) else json.dumps(raw)).split(","):
+        try:
+            values.append(json.loads(piece))
+        except json.JSONDecodeError:
+            values.append(piece)
+    return method, name, values
+
+
 def register(sub) -> None:
     p = sub.add_parser("methods", help="list the unlearning methods and their parameters")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -63,6 +75,9 @@ def register(sub) -> None:
                    help="expand l2ul into its ablation: each change switched off alone")
     p.add_argument("--set", dest="params", type=_param, action="append", default=[],
                    metavar="METHOD.KEY=VALUE", help="override a method parameter (repeatable)")
+    p.add_argument("--vary", type=_sweep, default=None, metavar="METHOD.KEY=V1,V2,...",
+                   help="run METHOD once per value of one parameter, side by side on the same "
+                        "forget sets (rows labelled 'METHOD KEY=VALUE')")
     p.add_argument("--epochs", type=int, default=None,
                    help="pre-training epochs (default: 30 for digits, 5 otherwise)")
     p.add_argument("--checkpoint", default=None,
@@ -244,7 +259,7 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--objective must be a comma-separated list of {', '.join(known)}, "
                          f"got {args.objective!r}")
     try:
-        variants = B.variants_for(methods, args.ablation, overrides)
+        variants = B.variants_for(methods, args.ablation, overrides, args.vary)
         ds = load_dataset(args.dataset, args.data_dir)
     except (KeyError, ValueError, DatasetError) as e:
         raise UsageError(str(e)) from None
