@@ -182,13 +182,32 @@ def run_dask(spec: Spec, workers: int = 2, address: str | None = None,
     if address:
         runner = DaskTaskRunner(address=address)
     else:
-        runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-            "n_workers": workers, "threads_per_worker": 1, "processes": True,
-            "dashboard_address": None})
+        runner = DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                                cluster_kwargs=local_cluster_kwargs(workers))
     units = plan_units(spec)
-    with prefect_api():
+    with prefect_api(), untrimmed_workers():
         per_unit = _flow().with_options(task_runner=runner)(spec=spec, units=units, quiet=quiet)
     return [row for rows in per_unit for row in rows]
+
+
+def local_cluster_kwargs(workers: int) -> dict[str, Any]:
+    """``distributed.LocalCluster`` arguments of the bench's own cluster."""
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True,
+            "dashboard_address": None}
+
+
+@contextlib.contextmanager
+def untrimmed_workers() -> Iterator[None]:
+    """Dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``: glibc then hands freed
+    memory back to the system at once, so every step's tensors are mapped and faulted in
+    again. Torch runs about 2.7 times slower so (one process on this 2-core machine: 100
+    ``l2ul`` steps of a k = 32 Fashion-MNIST batch 30.7 s against 10.9 s; a training epoch
+    14.6 s against 5.5 s), which would inflate every timing of the bench. Workers started in
+    this context keep glibc's default (an existing cluster, ``--dask-address``, keeps its own)."""
+    import dask
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        yield
 
 
 @contextlib.contextmanager

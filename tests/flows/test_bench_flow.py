@@ -55,6 +55,14 @@ def _content(rows: list[dict]) -> list[dict]:
     (["--serial", "--methods", "nope"], "unknown method 'nope'; choose one of"),
     (["--serial", "--set", "l2ul.optimizer=foo"],
      "invalid l2ul config: optimizer: must be one of adam, sgd, got 'foo'"),
+    (["--serial", "--vary", "l2ul.anchor_batch=64"], "two or more different values, got [64]"),
+    (["--serial", "--vary", "l2ul.anchor_batch=64,64"], "two or more different values"),
+    (["--serial", "--methods", "l2ul", "--vary", "neggrad.lr=1,2"],
+     "the swept method neggrad is not among the methods (l2ul)"),
+    (["--serial", "--vary", "l2ul.anchor_batch=0,2"], "anchor_batch: must be an integer >= 1"),
+    (["--serial", "--ablation", "--vary", "l2ul.lr=1,2"], "does not combine with its ablation"),
+    (["--serial", "--set", "l2ul.lr=1", "--vary", "l2ul.lr=1,2"], "both swept and set"),
+    (["--serial", "--vary", "lr=1,2"], "expected METHOD.KEY=VALUE"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("UNLEARN_HOME", str(tmp_path))
@@ -144,6 +152,47 @@ def test_dask_gives_the_serial_rows(checkpoint, tmp_path, prefect_server):
     dask, _ = run_bench(spec, serial=False, workers=2, quiet=True)
     assert len(serial) == 8
     assert _content(dask) == _content(serial)
+
+
+def test_a_sweep_runs_each_value_on_the_same_forget_sets(checkpoint, tmp_path, capsys):
+    """--vary: one row per value, labelled with it, sharing the group's forget set; the value
+    reaches the method (a step cap of 5 and of 12 stop at different steps)."""
+    out = tmp_path / "rows.json"
+    code, stdout, err = _bench(["--serial", "--checkpoint", str(checkpoint), "--dataset",
+                                "digits", "--methods", "neggrad,l2ul", "--k", "4",
+                                "--threads", "1", "--quiet", "--vary", "l2ul.max_steps=5,12",
+                                "--json", str(out)], capsys)
+    assert code == 0, err
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["neggrad", "l2ul max_steps=5", "l2ul max_steps=12"]
+    assert {r["base_method"] for r in rows[1:]} == {"l2ul"}
+    assert rows[1]["steps"] == 5 and 5 < rows[2]["steps"] <= 12
+    assert "| l2ul max_steps=12 |" in stdout
+
+
+@pytest.mark.flow
+def test_the_bench_workers_keep_glibc_s_default_heap_trimming():
+    """Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes torch about 2.7x slower; the bench's
+    own cluster starts its workers without it (and leaves this process's environment)."""
+    import os
+
+    import distributed
+
+    from flows.bench import local_cluster_kwargs, untrimmed_workers
+
+    def worker_env(cluster: distributed.LocalCluster) -> set:
+        with distributed.Client(cluster) as client:
+            return set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values())
+
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    with untrimmed_workers(), distributed.LocalCluster(**local_cluster_kwargs(2)) as cluster:
+        assert worker_env(cluster) == {None}
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    try:
+        with distributed.LocalCluster(**local_cluster_kwargs(1)) as cluster:  # Dask's default
+            assert worker_env(cluster) == {"65536"}
+    finally:  # Dask's nanny also sets it here, for every later subprocess of the tests
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
 
 
 def test_include_earlier_keeps_earlier_batches_when_reached(digits_model):
