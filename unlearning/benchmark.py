@@ -73,8 +73,8 @@ def variants_for(methods: list[str], ablation: bool = False,
     ``sweep`` (method, key, values): that method once per value, labelled ``METHOD KEY=VALUE``,
     so the values meet the same forget sets in one run."""
     overrides = overrides or {}
-    if sweep is not None:
-        swept, key, values = sweep
+    swept, key, values = sweep if sweep is not None else (None, "", [])
+    if swept is not None:
         if swept not in methods:
             raise ValueError(f"the swept method {swept} is not among the methods "
                              f"({', '.join(methods)})")
@@ -89,11 +89,11 @@ def variants_for(methods: list[str], ablation: bool = False,
         get_method(m)  # raises for unknown names
         base = overrides.get(m, {})
         make_config(m, base)  # raises for unknown/mistyped parameters
-        if sweep is not None and m == sweep[0]:
-            for value in sweep[2]:
-                params = {**base, sweep[1]: value}
+        if m == swept:
+            for value in values:
+                params = {**base, key: value}
                 make_config(m, params)
-                out.append(Variant(f"{m} {sweep[1]}={json.dumps(value)}", m, params))
+                out.append(Variant(f"{m} {key}={json.dumps(value)}", m, params))
         elif m == "l2ul" and ablation:
             out += [Variant(label, m, {**base, **extra}) for label, extra in L2UL_ABLATION.items()]
         else:

@@ -19,29 +19,33 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _param(text: str) -> tuple[str, str, object]:
-    """``method.key=value`` with value parsed as JSON when possible (1e-3, true, "margin")."""
+def _value(raw: str) -> object:
+    """A parameter value: JSON when it parses (1e-3, true, "margin"), else the text."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _key_and_raw(text: str) -> tuple[str, str, str]:
+    """``method.key=RAW`` split into (method, key, RAW)."""
     key, sep, raw = text.partition("=")
     method, dot, name = key.partition(".")
     if not sep or not dot or not method or not name:
         raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE, got {text!r}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return method, name, value
+    return method, name, raw
+
+
+def _param(text: str) -> tuple[str, str, object]:
+    """``method.key=value``, the value parsed by :func:`_value`."""
+    method, name, raw = _key_and_raw(text)
+    return method, name, _value(raw)
 
 
 def _sweep(text: str) -> tuple[str, str, list[object]]:
-    """``method.key=v1,v2,...``, each value parsed as JSON when possible."""
-    method, name, raw = _param(text)
-    values = []
-    for piece in str(raw if isinstance(raw, str) else json.dumps(raw)).split(","):
-        try:
-            values.append(json.loads(piece))
-        except json.JSONDecodeError:
-            values.append(piece)
-    return method, name, values
+    """``method.key=v1,v2,...``, each value parsed by :func:`_value`."""
+    method, name, raw = _key_and_raw(text)
+    return method, name, [_value(piece) for piece in raw.split(",")]
 
 
 def register(sub) -> None:
