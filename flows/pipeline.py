@@ -536,7 +536,8 @@ def _build_and_gate(paths: Paths, cfg: PipelineParams, client, attempt: escalati
     else:
         acfg = escalation.attempt_params(cfg, attempt)
         prepared = prepare_unlearning(paths, acfg, parent, batch_id, recent)
-        candidate = run_unlearning(paths, acfg, parent, batch_id, recent, out, prepared)
+        candidate = run_unlearning(paths, acfg, parent, batch_id, recent, out, prepared,
+                                   earlier)
     metrics = evaluate_model(paths, cfg, parent, candidate, batch_id, recent, earlier)
     metrics.update(cumulative_drop(paths, cfg, client, lineage_of, metrics))
     if attempt.exact:

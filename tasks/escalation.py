@@ -138,7 +138,8 @@ def rebuild_steps(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
             current = retrain_exact(paths, cfg, current, earlier + batches[: i + 1], out, progress)
         else:
             current = release.unlearn_batch(paths, attempt_params(cfg, attempt), current,
-                                            batch_id, recent, out, progress)
+                                            batch_id, recent, out, progress,
+                                            held=earlier + batches[:i])
         recent = [] if attempt.exact else recent + [batch_id]
         steps.append(current)
     return {**current, "steps": steps, "parent_of_last": parent_of_last}

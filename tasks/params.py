@@ -107,9 +107,24 @@ class FallbackEntry(_Section):
     objectives: list[str] | None = None
 
 
-def _check_fallback(entries: list[FallbackEntry]) -> None:
+def retain_problem(method: str, retain_fraction: float) -> str | None:
+    """Why ``method`` cannot run with ``unlearn.retain_fraction`` as set, or None: a method
+    that needs a retain sample gets none at 0, and one that takes none cannot use it."""
+    from unlearning.methods import get_method
+
+    info = get_method(method)
+    if info.needs_retain and retain_fraction <= 0:
+        return (f"{method} needs a retain sample: set unlearn.retain_fraction (at most 0.01), "
+                f"or use {EXACT_RETRAIN} for exact retraining")
+    if retain_fraction > 0 and not info.accepts_retain:
+        return (f"{method} takes no retain sample, and unlearn.retain_fraction is "
+                f"{retain_fraction}: set it to 0 or use a method that takes one")
+    return None
+
+
+def _check_fallback(entries: list[FallbackEntry], retain_fraction: float = 0.0) -> None:
     """Every entry names a method the pipeline can run, with params its config knows."""
-    from unlearning.methods import OBJECTIVES, MethodConfigError, get_method, make_config
+    from unlearning.methods import OBJECTIVES, MethodConfigError, make_config
 
     for i, entry in enumerate(entries):
         key = f"fallback[{i}]"
@@ -124,13 +139,12 @@ def _check_fallback(entries: list[FallbackEntry]) -> None:
                                  "recipe)")
             continue
         try:
-            info = get_method(entry.method)
+            problem = retain_problem(entry.method, retain_fraction)
         except (KeyError, ValueError):
             raise ValueError(f"{key}.method: unknown method {entry.method!r}; use "
                              f"{EXACT_RETRAIN} or one of `unlearn methods`") from None
-        if info.needs_retain:
-            raise ValueError(f"{key}.method: {entry.method} needs retain data the pipeline "
-                             f"does not pass; use {EXACT_RETRAIN} for exact retraining")
+        if problem:
+            raise ValueError(f"{key}.method: {problem}")
         try:
             make_config(entry.method, entry.params)
         except MethodConfigError as e:
@@ -155,6 +169,10 @@ class UnlearnParams(_Section):
     # the last exact model, or once this many held-out points were lost since it (0: off)
     consolidate_every: int = Field(default=0, ge=0, le=100_000_000)
     consolidate_drop: float = Field(default=0.0, ge=0, le=100, allow_inf_nan=False)
+    # a retain sample for the methods that take one (l2ul): this share of the training rows,
+    # never a row of a deleted batch, drawn per batch (release.retain_sample); 0: forget set
+    # only, the paper's setting; at most 0.01 (1%)
+    retain_fraction: float = Field(default=0.0, ge=0, le=0.01, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _method_params(self, info: ValidationInfo) -> UnlearnParams:
@@ -169,7 +187,10 @@ class UnlearnParams(_Section):
                                       {"key": e.key, "detail": e.detail}) from None
         except (KeyError, ValueError) as e:
             raise ValueError(str(e)) from None
-        _check_fallback(self.fallback)
+        problem = retain_problem(self.method, self.retain_fraction)
+        if problem:
+            raise ValueError(f"method: {problem}")
+        _check_fallback(self.fallback, self.retain_fraction)
         return self
 
 

@@ -277,31 +277,56 @@ def _read_setup(path: Path, key: str) -> dict[str, Any] | None:
     return setup if isinstance(setup, dict) else None
 
 
+def retain_sample(cfg: PipelineParams, held: list[str], paths: Paths, forget_ids,
+                  seed: int):
+    """The batch's retain sample (``unlearn.retain_fraction`` of the training rows) and its
+    ids: drawn with the batch's seed, never a row of a batch the parent holds (``held``: every
+    batch deleted before, whatever model deleted it) or of the forget set. The same
+    arguments draw the same rows, so ``unlearn verify`` and ``dvc repro`` rebuild the same
+    weights."""
+    from unlearning.datasets import sample_retain_ids
+    from unlearning.methods import RetainSample
+
+    data = dataset_of(cfg)
+    gone = {int(i) for i in forget_ids}
+    gone |= {int(r["instance_id"]) for b in held for r in read_rows(paths.manifest(b))}
+    ids = sorted(sample_retain_ids(data.num_train, sorted(gone), cfg.unlearn.retain_fraction,
+                                   seed))
+    return RetainSample(data.train_x[ids], data.train_y[ids]), ids
+
+
 def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
                   earlier: list[str], out: Path, progress=None,
-                  prepared: dict[str, Any] | None = None) -> dict[str, Any]:
+                  prepared: dict[str, Any] | None = None,
+                  held: list[str] | None = None) -> dict[str, Any]:
     """Unlearn one batch from the parent checkpoint; save the candidate next to ``out``.
 
     With ``unlearn.include_earlier`` the instances of ``earlier`` batches (the pipeline passes
     those unlearned since the last exact model) join the forget set, so the early stop also
     waits for them: every earlier deletion must stay deleted. ``prepared``: what
     ``prepare_batch`` returned for the same arguments; the set-up it names is used instead
-    of computing it again (the same weights either way).
+    of computing it again (the same weights either way). ``held``: every batch the parent
+    holds, kept out of the retain sample (needed with ``unlearn.retain_fraction``).
     """
     from unlearning.devices import describe_device
-    from unlearning.methods import unlearn
+    from unlearning.methods import get_method, unlearn
     from unlearning.models import load_checkpoint, save_checkpoint
 
     device = cfg.runtime.torch_device()
     model, spec = load_checkpoint(parent["path"], parent["weights_sha256"], device=device)
     target = _target(paths, cfg, model, batch_id, earlier)
     seed = batch_seed(cfg.unlearn.seed, batch_id)
+    retain, retain_ids = None, None
+    if cfg.unlearn.retain_fraction > 0 and get_method(cfg.unlearn.method).accepts_retain:
+        if held is None:
+            raise ValueError("a retain sample needs the batches the parent holds (held)")
+        retain, retain_ids = retain_sample(cfg, held, paths, target.ids, seed)
     setup = None  # prepared for other arguments, or gone: computed here instead
     if prepared is not None and prepared["key"] == _setup_key(paths, cfg, parent, batch_id,
                                                               earlier):
         setup = _read_setup(Path(prepared["path"]), prepared["key"])
-    result = unlearn(cfg.unlearn.method, model, target, dict(cfg.unlearn.params), seed=seed,
-                     progress=progress, prepared=setup)
+    result = unlearn(cfg.unlearn.method, model, target, dict(cfg.unlearn.params),
+                     retain=retain, seed=seed, progress=progress, prepared=setup)
     fault("in:unlearn")
     sha = save_checkpoint(out, result.model, spec)
     setup_s = prepared["seconds"] if prepared is not None and not prepared["reused"] else 0.0
@@ -312,6 +337,8 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
                # the set-up counts as unlearning where this attempt computed it
                "seconds": result.seconds + setup_s, "reached": result.reached,
                "satisfied": result.satisfied, "total": result.total,
+               # the training rows read besides the forget set (None: forget set only)
+               "retain_ids": retain_ids,
                "info": {k: v for k, v in result.info.items()
                         if isinstance(v, (int, float, str, bool))}}
     _write_json(out.with_name("unlearn.json"), summary)
@@ -319,10 +346,12 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
 
 
 def rebuild_release(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
-                    earlier: list[str], folder: Path, progress=None) -> dict[str, Any]:
+                    earlier: list[str], folder: Path, progress=None,
+                    held: list[str] | None = None) -> dict[str, Any]:
     """One release from its parent checkpoint, file to file: ``unlearn_batch`` for each of
     ``batches`` in order, each step seeing the batches before it as earlier deletions, as the
     flows apply them (one batch per release; several when replaying onto an older version).
+    ``held``: every batch the parent holds (``unlearn_batch``).
 
     Steps go to ``folder/<batch_id>/model.pt``; returns the last step's summary, with
     ``steps`` (every step's summary) and ``parent_of_last`` (the checkpoint it started from).
@@ -333,7 +362,8 @@ def rebuild_release(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], b
     for i, batch_id in enumerate(batches):
         parent_of_last = current
         current = unlearn_batch(paths, cfg, current, batch_id, earlier + batches[:i],
-                                folder / batch_id / "model.pt", progress)
+                                folder / batch_id / "model.pt", progress,
+                                held=None if held is None else held + batches[:i])
         steps.append(current)
     return {**current, "steps": steps, "parent_of_last": parent_of_last}
 

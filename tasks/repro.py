@@ -185,7 +185,7 @@ def _rebuild(paths: Paths, load: PipelineParams, entry: dict[str, Any], parent: 
         return escalation.retrain_exact(paths, load, parent, earlier + batches,
                                         _last_step(folder, entry) / "model.pt")
     return release.rebuild_release(paths, escalation.attempt_params(load, attempt), parent,
-                                   batches, recent, folder)
+                                   batches, recent, folder, held=earlier)
 
 
 def stage_evaluate(home: Path) -> dict[str, Any]:
@@ -439,7 +439,7 @@ def verify(paths: Paths, cfg: PipelineParams, client, versions: list[dict[str, A
                     else:
                         rebuilt = release.rebuild_release(
                             paths, escalation.attempt_params(load, attempt), anchor, batches,
-                            recent(parent), out)["weights_sha256"]
+                            recent(parent), out, held=covered(parent))["weights_sha256"]
             except (CheckpointError, registry.RegistryError) as e:
                 findings.append(f"cannot rebuild from version {parent}: {e}")
             match = rebuilt == recorded

@@ -41,6 +41,18 @@ def test_defaults_fill_missing_sections():
     ({"unlearn": {"consolidate_drop": float("nan")}},
      "unlearn.consolidate_drop: input should be a finite number (got nan)"),
     ({"unlearn": {"consolidate_every": -1}}, "unlearn.consolidate_every"),
+    ({"unlearn": {"retain_fraction": 0.02}},
+     "unlearn.retain_fraction: input should be less than or equal to 0.01 (got 0.02)"),
+    ({"unlearn": {"retain_fraction": float("inf")}}, "unlearn.retain_fraction"),
+    ({"unlearn": {"retain_fraction": -0.01}}, "unlearn.retain_fraction"),
+    ({"unlearn": {"method": "neggrad", "retain_fraction": 0.01}},
+     "unlearn: method: neggrad takes no retain sample, and unlearn.retain_fraction is 0.01"),
+    ({"unlearn": {"method": "scrub"}},
+     "unlearn: method: scrub needs a retain sample: set unlearn.retain_fraction"),
+    ({"unlearn": {"retain_fraction": 0.01, "fallback": [{"method": "neggrad"}]}},
+     "unlearn: fallback[0].method: neggrad takes no retain sample"),
+    ({"unlearn": {"fallback": [{"method": "ssd"}]}},
+     "unlearn: fallback[0].method: ssd needs a retain sample"),
     ([1, 2], "expected a mapping"),
 ])
 def test_invalid_params_are_named(data, message):
@@ -57,6 +69,13 @@ def test_bad_yaml_and_missing_file(tmp_path):
     bad.write_text("gates: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_a_retain_sample_admits_the_methods_that_take_one():
+    cfg = parse_params({"unlearn": {"retain_fraction": 0.01, "fallback": [
+        {"method": "l2ul", "params": {"max_steps": 900}}, {"method": "retrain-exact"}]}})
+    assert cfg.unlearn.retain_fraction == 0.01
+    assert parse_params({"unlearn": {"method": "scrub", "retain_fraction": 0.005}})
 
 
 def test_overrides_are_validated():
