@@ -13,6 +13,7 @@ import hashlib
 import json
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +197,18 @@ def _target(paths: Paths, cfg: PipelineParams, model, batch_id: str, earlier: li
 PREPARED_KEEP = 16
 
 
+def uses_retain(cfg: PipelineParams) -> bool:
+    """Whether the attempt's method gets a retain sample (``unlearn.retain_fraction``)."""
+    from unlearning.methods import get_method
+
+    return cfg.unlearn.retain_fraction > 0 and get_method(cfg.unlearn.method).accepts_retain
+
+
 def _setup_key(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
                earlier: list[str]) -> str:
     """What a method's set-up depends on: the parent's weights, the forget set's rows, the
-    dataset, the seed, the set-up settings (every param but the step budget), the device
-    and the torch build."""
+    dataset, the seed, the set-up settings (every param but the step budget), whether a
+    retain sample follows, the device and the torch build."""
     import torch
 
     from unlearning.methods import setup_settings
@@ -213,6 +221,7 @@ def _setup_key(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_
         "parent": parent["weights_sha256"], "method": cfg.unlearn.method,
         "settings": setup_settings(cfg.unlearn.method, dict(cfg.unlearn.params)),
         "seed": batch_seed(cfg.unlearn.seed, batch_id), "rows": rows,
+        "with_retain": uses_retain(cfg),
         "dataset": hashlib.sha256(dataset.read_bytes()).hexdigest() if dataset.is_file()
         else cfg.dataset.name, "device": str(cfg.runtime.torch_device()),
         "torch": torch.__version__}, sort_keys=True, default=str)
@@ -245,7 +254,7 @@ def prepare_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     model, _ = load_checkpoint(parent["path"], parent["weights_sha256"], device=device)
     target = _target(paths, cfg, model, batch_id, earlier)
     setup = prepare(cfg.unlearn.method, model, target, dict(cfg.unlearn.params),
-                    seed=batch_seed(cfg.unlearn.seed, batch_id))
+                    seed=batch_seed(cfg.unlearn.seed, batch_id), with_retain=uses_retain(cfg))
     if setup is None:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,7 +286,7 @@ def _read_setup(path: Path, key: str) -> dict[str, Any] | None:
     return setup if isinstance(setup, dict) else None
 
 
-def retain_sample(cfg: PipelineParams, held: list[str], paths: Paths, forget_ids,
+def retain_sample(paths: Paths, cfg: PipelineParams, held: list[str], forget_ids: Iterable[int],
                   seed: int):
     """The batch's retain sample (``unlearn.retain_fraction`` of the training rows) and its
     ids: drawn with the batch's seed, never a row of a batch the parent holds (``held``: every
@@ -309,7 +318,7 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     holds, kept out of the retain sample (needed with ``unlearn.retain_fraction``).
     """
     from unlearning.devices import describe_device
-    from unlearning.methods import get_method, unlearn
+    from unlearning.methods import unlearn
     from unlearning.models import load_checkpoint, save_checkpoint
 
     device = cfg.runtime.torch_device()
@@ -317,10 +326,10 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     target = _target(paths, cfg, model, batch_id, earlier)
     seed = batch_seed(cfg.unlearn.seed, batch_id)
     retain, retain_ids = None, None
-    if cfg.unlearn.retain_fraction > 0 and get_method(cfg.unlearn.method).accepts_retain:
+    if uses_retain(cfg):
         if held is None:
             raise ValueError("a retain sample needs the batches the parent holds (held)")
-        retain, retain_ids = retain_sample(cfg, held, paths, target.ids, seed)
+        retain, retain_ids = retain_sample(paths, cfg, held, target.ids, seed)
     setup = None  # prepared for other arguments, or gone: computed here instead
     if prepared is not None and prepared["key"] == _setup_key(paths, cfg, parent, batch_id,
                                                               earlier):

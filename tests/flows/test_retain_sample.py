@@ -79,7 +79,7 @@ def test_the_sample_leaves_out_the_rows_of_every_batch_the_parent_holds(retained
     seed = next(s for s in range(10_000)
                 if held & set(sample_retain_ids(num_train, [], FRACTION, s)))
     plain = set(sample_retain_ids(num_train, [], FRACTION, seed))
-    sample, ids = retain_sample(cfg, [first], paths, [555, 666], seed)
+    sample, ids = retain_sample(paths, cfg, [first], [555, 666], seed)
     assert not (held | {555, 666}) & set(ids)
     assert plain - held - {555, 666} <= set(ids) and len(ids) == len(plain)
     assert sample.x.shape[0] == len(ids) and sample.y.tolist() == [

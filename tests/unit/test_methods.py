@@ -95,6 +95,24 @@ def test_the_cost_is_counted_in_example_gradients(digits_model):
     assert retrain_grad_examples(1000, TrainConfig(epochs=3)) == 3000
 
 
+def test_with_a_retain_sample_real_rows_replace_the_synthetic_anchors(digits_model):
+    """No BatchNorm inversion in the set-up, and each step sees retain_anchor_batch anchors
+    and as many retain rows; the set-up prepared for a retain run is the one it would make."""
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 8, seed=0)
+    retain = RetainSample(ds.train_x[-100:], ds.train_y[-100:])
+    params = {"max_steps": 6, "synthesis_steps": 5, "retain_anchor_batch": 24}
+    with_retain = unlearn("l2ul", model, forget, params, retain=retain, seed=0)
+    without = unlearn("l2ul", model, forget, params, seed=0)
+    assert with_retain.info["synthetic_anchors"] == 0 and without.info["synthetic_anchors"] == 256
+    setup = prepare("l2ul", model, forget, params, seed=0, with_retain=True)
+    kept = unlearn("l2ul", model, forget, params, retain=retain, seed=0, prepared=setup)
+    assert kept.grad_examples == kept.steps * (len(forget) + 24 + 24)
+    assert weights_sha256(kept.model) == weights_sha256(with_retain.model)
+    # the set-up (importance, adversarial examples) has no inversion of 256 images x 5 steps
+    assert with_retain.grad_examples - kept.grad_examples < 256 * 5
+
+
 def test_the_active_forget_average_keeps_the_pull_on_the_rows_left():
     forget = ForgetSet.build(torch.zeros(4, 1, 2, 2), torch.tensor([0, 0, 0, 0]), "misclassify",
                              num_classes=3)

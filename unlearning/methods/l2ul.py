@@ -39,7 +39,10 @@ on the same steps as the other anchors, so that it cannot block the objective; i
 required. With one, every anchor relaxes on every step from ``retain_relax_always_after`` of
 the budget on (default 0: from the start) instead of ``relax_always_after``: real data pins
 the function well enough that holding the anchors through slow progress buys little accuracy
-and can leave the last rows unforgotten at the step cap.
+and can leave the last rows unforgotten at the step cap. The real rows also replace the
+BatchNorm-inverted stand-ins for the training data (no ``synthetic_anchors`` are made, which
+saves most of the set-up), and each step sees ``retain_anchor_batch`` anchors and as many
+retain rows instead of ``anchor_batch`` anchors.
 
 Why each change, and the ablation that measures it: docs/l2ul.md.
 """
@@ -97,6 +100,7 @@ class L2ULConfig:
     retain_weight: float = 1.0
     retain_decay: float = 0.995  # per step, on the retain sample's anchor (1 = constant)
     retain_relax_always_after: float = 0.0  # replaces relax_always_after when a retain sample is given
+    retain_anchor_batch: int = 64  # replaces anchor_batch (and is the retain rows per step) then
     max_steps: int = 800
 
     def __post_init__(self) -> None:
@@ -216,10 +220,11 @@ def l2ul_prepare(model, forget: ForgetSet, cfg: L2ULConfig, ctx: Context) -> dic
     x_mix = mixup_pairs(pool, cfg.mixup_anchors, ctx.g)
     x_near = shifted_copies(forget.x, cfg.neighbour_shifts, cfg.max_shift, ctx.g)
     x_syn = x_mix[:0]
-    if cfg.synthetic_anchors and has_batchnorm(model):
+    synthetic = cfg.synthetic_anchors > 0 and not ctx.with_retain  # else real rows stand in
+    if synthetic and has_batchnorm(model):
         x_syn = invert_batchnorm(model, mixup_pairs(pool, cfg.synthetic_anchors, ctx.g),
                                  cfg.synthesis_steps, ctx.g)
-    elif cfg.synthetic_anchors:  # nothing to invert: the other anchors carry the update
+    elif synthetic:  # nothing to invert: the other anchors carry the update
         ctx.info["synthetic_anchors_skipped"] = "the model has no BatchNorm statistics to invert"
     x_anchor = torch.cat([x_adv, x_mix, x_near, x_syn])
     with torch.no_grad():
@@ -261,6 +266,7 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
     warmup = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0)
     n_anchor = len(x_anchor)
+    per_step = cfg.anchor_batch if retain is None else cfg.retain_anchor_batch
     cursor = retain_cursor = 0
     weight = cfg.anchor_weight
     retain_weight = cfg.anchor_weight * cfg.retain_weight
@@ -274,14 +280,14 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
             if cfg.forget_loss == "margin" else directional_ce(logits, forget)
         forget_losses.append(loss.item())
         if n_anchor:
-            idx = torch.arange(cursor, cursor + min(cfg.anchor_batch, n_anchor)) % n_anchor
+            idx = torch.arange(cursor, cursor + min(per_step, n_anchor)) % n_anchor
             cursor = (cursor + len(idx)) % n_anchor
             out = forward(model, x_anchor[idx])
             anchor = distill(out, teacher[idx], row_weight[idx]) if cfg.anchor_loss == "kl" \
                 else (F.cross_entropy(out, hard[idx], reduction="none") * row_weight[idx]).mean()
             loss = loss + weight * anchor
         if retain is not None:
-            ridx = torch.arange(retain_cursor, retain_cursor + min(cfg.anchor_batch, len(retain.x)))
+            ridx = torch.arange(retain_cursor, retain_cursor + min(per_step, len(retain.x)))
             ridx = ridx % len(retain.x)
             retain_cursor = int(ridx[-1] + 1) % len(retain.x)
             loss = loss + retain_weight * distill(forward(model, retain.x[ridx]),

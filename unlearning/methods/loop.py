@@ -67,6 +67,7 @@ class Context:
         self.ceiling = forget.ceilings_for(model)  # as-if-unseen targets, refreshed as it goes
         self.reached = bool(forget.satisfied_by(model).all())
         self.info: dict[str, Any] = {}
+        self.with_retain = False  # the method gets a retain sample (set-ups may depend on it)
         # the method's set-up, when it has one (``registry.prepare``): computed before the
         # update, or handed in from a cache
         self.prepared: dict[str, Any] | None = None

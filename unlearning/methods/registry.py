@@ -151,14 +151,17 @@ def _config(method: str, params: dict[str, Any] | Any | None) -> Any:
 
 
 def _start(model: nn.Module, forget: ForgetSet, config: Any, seed: int,
-           progress: Progress | None) -> tuple[nn.Module, torch.Generator, Context]:
+           progress: Progress | None,
+           with_retain: bool) -> tuple[nn.Module, torch.Generator, Context]:
     """The seeded copy of ``model`` a method works on, and its loop context."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     work = copy.deepcopy(model)
     for p in work.parameters():
         p.requires_grad_(True)
-    return work, g, Context(work, forget, int(config.max_steps), g, progress)
+    ctx = Context(work, forget, int(config.max_steps), g, progress)
+    ctx.with_retain = with_retain
+    return work, g, ctx
 
 
 def setup_settings(method: str, params: dict[str, Any] | Any | None = None) -> dict[str, Any]:
@@ -169,16 +172,18 @@ def setup_settings(method: str, params: dict[str, Any] | Any | None = None) -> d
 
 
 def prepare(method: str, model: nn.Module, forget: ForgetSet,
-            params: dict[str, Any] | Any | None = None, seed: int = 0) -> dict[str, Any] | None:
+            params: dict[str, Any] | Any | None = None, seed: int = 0,
+            with_retain: bool = False) -> dict[str, Any] | None:
     """``method``'s set-up on ``model`` and ``forget`` (see the module doc), with the random
     state and the model's buffers after it; None when the method has none or the objective
-    already holds (no step would run). Tensors, numbers and strings only: ``torch.save``
-    keeps it and ``torch.load(weights_only=True)`` reads it back."""
+    already holds (no step would run). ``with_retain``: for a run that will get a retain
+    sample (``l2ul`` then needs no BatchNorm-inverted anchors). Tensors, numbers and strings
+    only: ``torch.save`` keeps it and ``torch.load(weights_only=True)`` reads it back."""
     info = get_method(method)
     if info.prepare is None:
         return None
     config = _config(method, params)
-    work, g, ctx = _start(model, forget, config, seed, None)
+    work, g, ctx = _start(model, forget, config, seed, None, with_retain)
     if ctx.reached:
         return None
     state = info.prepare(work, forget, config, ctx)
@@ -214,8 +219,8 @@ def unlearn(
     prepared: dict[str, Any] | None = None,
 ) -> UnlearnResult:
     """Run ``method`` on a copy of ``model``; the original is never modified. ``prepared``:
-    :func:`prepare`'s result for the same model, forget set, seed and set-up settings (the
-    caller keys it so), used instead of running the set-up again."""
+    :func:`prepare`'s result for the same model, forget set, seed, set-up settings and
+    ``with_retain`` (the caller keys it so), used instead of running the set-up again."""
     info = get_method(method)
     config = _config(method, params)
     if prepared is not None and prepared.get("method") != method:
@@ -228,7 +233,7 @@ def unlearn(
         raise ValueError(f"method {method!r} does not support the as-if-unseen objective "
                          f"(it supports {', '.join(info.objectives)})")
     start = time.perf_counter()
-    work, g, ctx = _start(model, forget, config, seed, progress)
+    work, g, ctx = _start(model, forget, config, seed, progress, retain is not None)
     count = ExampleCount(work)
     if not ctx.reached:
         if info.prepare is not None:
