@@ -39,10 +39,10 @@ on the same steps as the other anchors, so that it cannot block the objective; i
 required. With one, every anchor relaxes on every step from ``retain_relax_always_after`` of
 the budget on (default 0: from the start) instead of ``relax_always_after``: real data pins
 the function well enough that holding the anchors through slow progress buys little accuracy
-and can leave the last rows unforgotten at the step cap. The real rows also replace the
-BatchNorm-inverted stand-ins for the training data (no ``synthetic_anchors`` are made, which
-saves most of the set-up), and each step sees ``retain_anchor_batch`` anchors and as many
-retain rows instead of ``anchor_batch`` anchors.
+and can leave the last rows unforgotten at the step cap. The real rows also stand in for the
+training data in place of the BatchNorm-inverted images (``retain_synthetic_anchors``, default
+0, replaces ``synthetic_anchors``: the inversion is most of the set-up), and each step sees
+``retain_anchor_batch`` anchors and as many retain rows instead of ``anchor_batch`` anchors.
 
 Why each change, and the ablation that measures it: docs/l2ul.md.
 """
@@ -101,6 +101,7 @@ class L2ULConfig:
     retain_decay: float = 0.995  # per step, on the retain sample's anchor (1 = constant)
     retain_relax_always_after: float = 0.0  # replaces relax_always_after when a retain sample is given
     retain_anchor_batch: int = 64  # replaces anchor_batch (and is the retain rows per step) then
+    retain_synthetic_anchors: int = 0  # replaces synthetic_anchors then
     max_steps: int = 800
 
     def __post_init__(self) -> None:
@@ -220,9 +221,9 @@ def l2ul_prepare(model, forget: ForgetSet, cfg: L2ULConfig, ctx: Context) -> dic
     x_mix = mixup_pairs(pool, cfg.mixup_anchors, ctx.g)
     x_near = shifted_copies(forget.x, cfg.neighbour_shifts, cfg.max_shift, ctx.g)
     x_syn = x_mix[:0]
-    synthetic = cfg.synthetic_anchors > 0 and not ctx.with_retain  # else real rows stand in
+    synthetic = cfg.retain_synthetic_anchors if ctx.with_retain else cfg.synthetic_anchors
     if synthetic and has_batchnorm(model):
-        x_syn = invert_batchnorm(model, mixup_pairs(pool, cfg.synthetic_anchors, ctx.g),
+        x_syn = invert_batchnorm(model, mixup_pairs(pool, synthetic, ctx.g),
                                  cfg.synthesis_steps, ctx.g)
     elif synthetic:  # nothing to invert: the other anchors carry the update
         ctx.info["synthetic_anchors_skipped"] = "the model has no BatchNorm statistics to invert"
