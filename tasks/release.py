@@ -287,7 +287,7 @@ def _read_setup(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def retain_sample(paths: Paths, cfg: PipelineParams, held: list[str], forget_ids: Iterable[int],
-                  seed: int):
+                  seed: int) -> tuple[Any, list[int]]:
     """The batch's retain sample (``unlearn.retain_fraction`` of the training rows) and its
     ids: drawn with the batch's seed, never a row of a batch the parent holds (``held``: every
     batch deleted before, whatever model deleted it) or of the forget set. The same

@@ -43,6 +43,26 @@ def dvc(home: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def write_manifest(path: Path, rows: list[tuple[str, int, str, int | None]]) -> Path:
+    """A deletion manifest of (request_id, instance_id, objective, new_label) rows."""
+    path.write_text("request_id,instance_id,objective,new_label\n" + "".join(
+        f"{r},{i},{o},{'' if n is None else n}\n" for r, i, o, n in rows))
+    return path
+
+
+def erase_and_fix(root: Path) -> tuple[Path, Path]:
+    """Two digits manifests in ``root``: erase.csv (4 misclassify rows: 11, 222, 333, 444) and
+    fix.csv (2 relabel rows: 555 and 666, each to the next class)."""
+    from unlearning.datasets import load_digits
+
+    labels = load_digits().train_y.tolist()
+    erase = write_manifest(root / "erase.csv", [(f"erase-{i}", i, "misclassify", None)
+                                                for i in (11, 222, 333, 444)])
+    fix = write_manifest(root / "fix.csv", [(f"fix-{i}", i, "relabel", (labels[i] + 1) % 10)
+                                            for i in (555, 666)])
+    return erase, fix
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""

@@ -8,12 +8,11 @@ demo story (with a multi-batch replay and a push to the local remote) is marked 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from flow_helpers import cli, cli_json, dvc, last_line
+from flow_helpers import cli, cli_json, dvc, erase_and_fix, last_line
 
 from tasks.paths import Paths
 
@@ -23,24 +22,12 @@ def registry_hashes(versions: list[dict[str, Any]]) -> dict[str, str]:
     return {str(v["version"]): v["lineage"]["weights_sha256"] for v in versions}
 
 
-def write_manifest(path: Path, rows: list[tuple[str, int, str, int | None]]) -> Path:
-    path.write_text("request_id,instance_id,objective,new_label\n" + "".join(
-        f"{r},{i},{o},{'' if n is None else n}\n" for r, i, o, n in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, prefect_server, write_params):
     """Version 1 (4 epochs, set in params.yaml so DVC sees it) and two batches on top."""
-    from unlearning.datasets import load_digits
-
     root = tmp_path_factory.mktemp("repro")
     write_params(root, pretrain={"epochs": 4})
-    labels = load_digits().train_y.tolist()
-    erase = write_manifest(root / "erase.csv", [(f"erase-{i}", i, "misclassify", None)
-                                                for i in (11, 222, 333, 444)])
-    fix = write_manifest(root / "fix.csv", [(f"fix-{i}", i, "relabel", (labels[i] + 1) % 10)
-                                            for i in (555, 666)])
+    erase, fix = erase_and_fix(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("UNLEARN_HOME", str(root))
         rc, out, err = cli("pretrain")

@@ -5,10 +5,9 @@ release, and `unlearn verify` and `dvc repro` rebuild the weights bit for bit.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from flow_helpers import cli, cli_json, dvc
+from flow_helpers import cli, cli_json, dvc, erase_and_fix
 
 from tasks.params import load_params
 from tasks.paths import Paths
@@ -18,24 +17,12 @@ pytestmark = pytest.mark.flow
 FRACTION = 0.01
 
 
-def write_manifest(path: Path, rows: list[tuple[str, int, str, int | None]]) -> Path:
-    path.write_text("request_id,instance_id,objective,new_label\n" + "".join(
-        f"{r},{i},{o},{'' if n is None else n}\n" for r, i, o, n in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def retained(tmp_path_factory, prefect_server, write_params):
     """Version 1 (4 epochs) and two batches released with a 1% retain sample."""
-    from unlearning.datasets import load_digits
-
     root = tmp_path_factory.mktemp("retain")
     write_params(root, pretrain={"epochs": 4}, unlearn={"retain_fraction": FRACTION})
-    labels = load_digits().train_y.tolist()
-    erase = write_manifest(root / "erase.csv", [(f"erase-{i}", i, "misclassify", None)
-                                                for i in (11, 222, 333, 444)])
-    fix = write_manifest(root / "fix.csv", [(f"fix-{i}", i, "relabel", (labels[i] + 1) % 10)
-                                            for i in (555, 666)])
+    erase, fix = erase_and_fix(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("UNLEARN_HOME", str(root))
         assert cli("pretrain")[0] == 0
