@@ -90,7 +90,7 @@ def test_every_method_runs_a_model_placed_elsewhere(method, digits):
     if method in ("l2ul", "l2ul-reference"):
         params.update(adv_per_instance=1, pgd_steps=2)
     if method == "l2ul":
-        params.update(synthetic_anchors=8, synthesis_steps=2)
+        params.update(synthetic_anchors=8, retain_synthetic_anchors=8, synthesis_steps=2)
     result = unlearn(method, model, _forget(digits), params, retain=retain, seed=0)
     assert all(p.dtype == torch.float64 for p in result.model.parameters())
     if method == "l2ul":
