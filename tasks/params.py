@@ -122,7 +122,7 @@ def retain_problem(method: str, retain_fraction: float) -> str | None:
     return None
 
 
-def _check_fallback(entries: list[FallbackEntry], retain_fraction: float = 0.0) -> None:
+def _check_fallback(entries: list[FallbackEntry], retain_fraction: float) -> None:
     """Every entry names a method the pipeline can run, with params its config knows."""
     from unlearning.methods import OBJECTIVES, MethodConfigError, make_config
 

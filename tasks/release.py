@@ -146,6 +146,11 @@ def build_forget_set(dataset, rows: list[dict[str, Any]], parent=None):
                            heldout=dataset.heldout() if unseen else None)
 
 
+def deleted_ids(paths: Paths, batch_ids: Iterable[str]) -> set[int]:
+    """The instance ids the accepted manifests of ``batch_ids`` name."""
+    return {int(r["instance_id"]) for b in batch_ids for r in read_rows(paths.manifest(b))}
+
+
 def forget_set(paths: Paths, cfg: PipelineParams, batch_ids: list[str], parent=None):
     """One ForgetSet of the accepted manifests of ``batch_ids`` (None for no batches)."""
     rows = [r for b in batch_ids for r in read_rows(paths.manifest(b))]
@@ -297,8 +302,7 @@ def retain_sample(paths: Paths, cfg: PipelineParams, held: list[str], forget_ids
     from unlearning.methods import RetainSample
 
     data = dataset_of(cfg)
-    gone = {int(i) for i in forget_ids}
-    gone |= {int(r["instance_id"]) for b in held for r in read_rows(paths.manifest(b))}
+    gone = {int(i) for i in forget_ids} | deleted_ids(paths, held)
     ids = sorted(sample_retain_ids(data.num_train, sorted(gone), cfg.unlearn.retain_fraction,
                                    seed))
     return RetainSample(data.train_x[ids], data.train_y[ids]), ids
@@ -306,8 +310,8 @@ def retain_sample(paths: Paths, cfg: PipelineParams, held: list[str], forget_ids
 
 def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
                   earlier: list[str], out: Path, progress=None,
-                  prepared: dict[str, Any] | None = None,
-                  held: list[str] | None = None) -> dict[str, Any]:
+                  prepared: dict[str, Any] | None = None, *,
+                  held: list[str]) -> dict[str, Any]:
     """Unlearn one batch from the parent checkpoint; save the candidate next to ``out``.
 
     With ``unlearn.include_earlier`` the instances of ``earlier`` batches (the pipeline passes
@@ -315,7 +319,7 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     waits for them: every earlier deletion must stay deleted. ``prepared``: what
     ``prepare_batch`` returned for the same arguments; the set-up it names is used instead
     of computing it again (the same weights either way). ``held``: every batch the parent
-    holds, kept out of the retain sample (needed with ``unlearn.retain_fraction``).
+    holds, kept out of the retain sample (``unlearn.retain_fraction``).
     """
     from unlearning.devices import describe_device
     from unlearning.methods import unlearn
@@ -327,8 +331,6 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
     seed = batch_seed(cfg.unlearn.seed, batch_id)
     retain, retain_ids = None, None
     if uses_retain(cfg):
-        if held is None:
-            raise ValueError("a retain sample needs the batches the parent holds (held)")
         retain, retain_ids = retain_sample(paths, cfg, held, target.ids, seed)
     setup = None  # prepared for other arguments, or gone: computed here instead
     if prepared is not None and prepared["key"] == _setup_key(paths, cfg, parent, batch_id,
@@ -355,8 +357,8 @@ def unlearn_batch(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
 
 
 def rebuild_release(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batches: list[str],
-                    earlier: list[str], folder: Path, progress=None,
-                    held: list[str] | None = None) -> dict[str, Any]:
+                    earlier: list[str], folder: Path, progress=None, *,
+                    held: list[str]) -> dict[str, Any]:
     """One release from its parent checkpoint, file to file: ``unlearn_batch`` for each of
     ``batches`` in order, each step seeing the batches before it as earlier deletions, as the
     flows apply them (one batch per release; several when replaying onto an older version).
@@ -372,7 +374,7 @@ def rebuild_release(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], b
         parent_of_last = current
         current = unlearn_batch(paths, cfg, current, batch_id, earlier + batches[:i],
                                 folder / batch_id / "model.pt", progress,
-                                held=None if held is None else held + batches[:i])
+                                held=held + batches[:i])
         steps.append(current)
     return {**current, "steps": steps, "parent_of_last": parent_of_last}
 
@@ -409,8 +411,7 @@ def evaluate_candidate(paths: Paths, cfg: PipelineParams, parent: dict[str, Any]
         metrics.update(unseen_membership_auc=auc, unseen_membership_z=z)
     if cfg.evaluate.mia:
         gone = deleted_before if deleted_before is not None else earlier
-        deleted = set(current.ids) | {int(r["instance_id"]) for b in gone
-                                      for r in read_rows(paths.manifest(b))}
+        deleted = set(current.ids) | deleted_ids(paths, gone)
         keep = torch.tensor([i for i in range(data.num_train) if i not in deleted])
         retain = (take(data.train_x, keep), data.train_y[keep])  # lazy: only a sample is read
         n = cfg.evaluate.mia_max_per_side

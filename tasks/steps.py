@@ -90,12 +90,12 @@ def prepare_unlearning(paths: Paths, cfg: PipelineParams, parent: dict[str, Any]
 
 @task(name="unlearn", cache_policy=NO_CACHE)
 def run_unlearning(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], batch_id: str,
-                   earlier: list[str], out: Path, prepared: dict[str, Any] | None = None,
-                   held: list[str] | None = None) -> dict[str, Any]:
+                   earlier: list[str], out: Path, prepared: dict[str, Any] | None,
+                   held: list[str]) -> dict[str, Any]:
     """The bounded unlearning loop (the library's ``unlearn``) from the prepared set-up;
     ``held``: every batch the parent holds, never in a retain sample."""
     return _progress(f"unlearn {batch_id}", lambda p: release.unlearn_batch(
-        paths, cfg, parent, batch_id, earlier, out, p, prepared, held))
+        paths, cfg, parent, batch_id, earlier, out, p, prepared, held=held))
 
 
 @task(name="retrain-exact", cache_policy=NO_CACHE)

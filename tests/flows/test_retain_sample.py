@@ -61,7 +61,8 @@ def test_the_sample_leaves_out_the_rows_of_every_batch_the_parent_holds(retained
 
     paths, first = retained["paths"], retained["batches"][0]
     cfg = load_params(paths.params_file)
-    num_train = len(load_digits().train_y)
+    labels = load_digits().train_y
+    num_train = len(labels)
     held = {11, 222, 333, 444}  # the first batch's rows
     seed = next(s for s in range(10_000)
                 if held & set(sample_retain_ids(num_train, [], FRACTION, s)))
@@ -69,8 +70,7 @@ def test_the_sample_leaves_out_the_rows_of_every_batch_the_parent_holds(retained
     sample, ids = retain_sample(paths, cfg, [first], [555, 666], seed)
     assert not (held | {555, 666}) & set(ids)
     assert plain - held - {555, 666} <= set(ids) and len(ids) == len(plain)
-    assert sample.x.shape[0] == len(ids) and sample.y.tolist() == [
-        int(load_digits().train_y[i]) for i in ids]
+    assert sample.x.shape[0] == len(ids) and sample.y.tolist() == [int(labels[i]) for i in ids]
 
 
 def test_verify_and_dvc_repro_rebuild_the_retain_releases_bit_for_bit(retained):

@@ -57,7 +57,8 @@ class Context:
     """Owns the optimiser step, the bound on steps and the early stop on the objective."""
 
     def __init__(self, model: nn.Module, forget: ForgetSet, max_steps: int,
-                 generator: torch.Generator, progress: Progress | None):
+                 generator: torch.Generator, progress: Progress | None,
+                 with_retain: bool = False):
         self.model = model
         self.forget = forget
         self.max_steps = max_steps
@@ -67,7 +68,7 @@ class Context:
         self.ceiling = forget.ceilings_for(model)  # as-if-unseen targets, refreshed as it goes
         self.reached = bool(forget.satisfied_by(model).all())
         self.info: dict[str, Any] = {}
-        self.with_retain = False  # the method gets a retain sample (set-ups may depend on it)
+        self.with_retain = with_retain  # the method gets a retain sample (set-ups may depend on it)
         # the method's set-up, when it has one (``registry.prepare``): computed before the
         # update, or handed in from a cache
         self.prepared: dict[str, Any] | None = None

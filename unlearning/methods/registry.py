@@ -159,9 +159,7 @@ def _start(model: nn.Module, forget: ForgetSet, config: Any, seed: int,
     work = copy.deepcopy(model)
     for p in work.parameters():
         p.requires_grad_(True)
-    ctx = Context(work, forget, int(config.max_steps), g, progress)
-    ctx.with_retain = with_retain
-    return work, g, ctx
+    return work, g, Context(work, forget, int(config.max_steps), g, progress, with_retain)
 
 
 def setup_settings(method: str, params: dict[str, Any] | Any | None = None) -> dict[str, Any]:
