@@ -484,19 +484,23 @@ def _context():
     return context
 
 
+@functools.cache
+def _batch_definition(name: str):
+    """One pandas datasource per suite, kept for the process: each run passes its own
+    dataframe, and adding or deleting a datasource rewrites the context's whole config."""
+    return (_context().data_sources.add_pandas(name=name).add_dataframe_asset(name=name)
+            .add_batch_definition_whole_dataframe("whole"))
+
+
 def _run_suite(name: str, frame: pd.DataFrame, expectations: list) -> tuple[dict, list[dict]]:
     import great_expectations as gx
 
-    context = _context()
-    source = f"{name}-{next(_RUN_IDS)}"  # datasource names are unique within a context
-    batch_def = (context.data_sources.add_pandas(name=source).add_dataframe_asset(name=name)
-                 .add_batch_definition_whole_dataframe("whole"))
-    suite = gx.ExpectationSuite(name=source)
+    batch_def = _batch_definition(name)  # first: a suite needs the active context
+    suite = gx.ExpectationSuite(name=f"{name}-{next(_RUN_IDS)}")
     for expectation in expectations:
         suite.add_expectation(expectation)
     result = batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(
         suite, result_format="COMPLETE")
-    context.data_sources.delete(source)
     failures = []
     for r in result.results:
         if r.success:

@@ -138,12 +138,14 @@ def start_prefect_early() -> None:
 
 def load_release_stack() -> None:
     """Import what a batch's release steps use (Great Expectations for the validation,
-    MLflow's PyTorch flavour and torch.export's tracer for the registration's pt2 model)
+    MLflow's PyTorch flavour and torch.export's tracer for the registration's pt2 model, DVC
+    for the data tracking)
     before the flow starts: in a fresh process this fills the wait for Prefect's temporary
     server (the server starts in a process of its own, on the other core), and a long-lived
     ``run --watch`` pays it once, before the first batch, instead of inside it."""
     import contextlib
 
+    import dvc.repo  # noqa: F401
     import great_expectations  # noqa: F401
     import mlflow.pytorch  # noqa: F401
 
