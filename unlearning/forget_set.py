@@ -211,10 +211,12 @@ class ForgetSet:
         out[rows] = ceilings_at(phi_ref, ref_y, self.y[rows], self.level[rows])
         return out
 
-    def satisfied_by(self, model: nn.Module, phi_ref: torch.Tensor | None = None) -> torch.Tensor:
+    def satisfied_by(self, model: nn.Module, phi_ref: torch.Tensor | None = None,
+                     logits: torch.Tensor | None = None) -> torch.Tensor:
         """Per row, whether ``model`` meets the row's objective (``phi_ref``: the model's
-        reference confidence, when the caller already has it)."""
-        logits = predict_logits(model, self.x)
+        reference confidence, ``logits``: its logits on the rows, when the caller already
+        has them)."""
+        logits = predict_logits(model, self.x) if logits is None else logits
         ok = self.satisfied(logits)
         held = self.is_unseen & ok
         if self.reference is None or self.level is None or not bool(held.any()):

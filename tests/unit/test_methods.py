@@ -101,7 +101,8 @@ def test_with_a_retain_sample_real_rows_replace_the_synthetic_anchors(digits_mod
     model, ds = digits_model
     forget = forget_set_for(ds, "misclassify", 8, seed=0)
     retain = RetainSample(ds.train_x[-100:], ds.train_y[-100:])
-    params = {"max_steps": 6, "synthesis_steps": 5, "retain_anchor_batch": 24}
+    params = {"max_steps": 6, "synthesis_steps": 5, "retain_anchor_batch": 24,
+              "retain_update": "all"}
     with_retain = unlearn("l2ul", model, forget, params, retain=retain, seed=0)
     without = unlearn("l2ul", model, forget, params, seed=0)
     assert with_retain.info["synthetic_anchors"] == 0 and without.info["synthetic_anchors"] == 256
@@ -229,7 +230,7 @@ def test_with_a_retain_sample_its_own_relaxation_share_replaces_the_forget_only_
     model, ds = digits_model
     forget = forget_set_for(ds, "misclassify", 8, seed=0)
     retain = RetainSample(ds.train_x[-64:], ds.train_y[-64:])
-    base = {"max_steps": 30, "synthesis_steps": 5}
+    base = {"max_steps": 30, "synthesis_steps": 5, "retain_update": "all"}
 
     def run(params, retain_sample):
         return weights_sha256(unlearn("l2ul", model, forget, {**base, **params},

@@ -59,11 +59,14 @@ import torch.nn.functional as F
 from ..attacks import adversarial_set
 from ..devices import forward
 from ..forget_set import ForgetSet, directional_ce
+from ..head import NoHeadError, classifier_head, head_inputs
 from ..importance import anchor_penalty, inverted_importance, mas_importance
 from ..objectives import OBJECTIVES, confidence_logit
 from ..synthesis import has_batchnorm, invert_batchnorm
 from .loop import Context
 from .registry import MethodConfigError, register
+
+UPDATES = ("all", "head")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,15 @@ class L2ULConfig:
     retain_relax_always_after: float = 0.0  # replaces relax_always_after when a retain sample is given
     retain_anchor_batch: int = 64  # replaces anchor_batch (and is the retain rows per step) then
     retain_synthetic_anchors: int = 0  # replaces synthetic_anchors then
+    # Which parameters move: "all", or "head" (only the classifier head, on features computed
+    # once; see _update_head).
+    update: str = "all"
+    # replaces update when a retain sample is given; "auto": "head" from head_min_retain rows
+    # on (fewer real rows do not hold the head in place), "all" below
+    retain_update: str = "auto"
+    head_min_retain: int = 256
+    head_updates: int = 5  # head updates per step (a step is the unit of max_steps)
+    head_decay: float = 0.999  # per head update; replaces anchor_decay and retain_decay
     max_steps: int = 800
 
     def __post_init__(self) -> None:
@@ -109,7 +121,8 @@ class L2ULConfig:
         when it is loaded, not when a batch runs); ranges common to every method (finite
         floats, positive lr, counts) are ``registry.check_ranges``."""
         for key, allowed in (("forget_loss", ("margin", "neg-ce")), ("anchor_loss", ("kl", "ce")),
-                             ("optimizer", ("adam", "sgd")), ("forget_average", ("all", "active"))):
+                             ("optimizer", ("adam", "sgd")), ("forget_average", ("all", "active")),
+                             ("update", UPDATES), ("retain_update", ("auto", *UPDATES))):
             if getattr(self, key) not in allowed:
                 raise MethodConfigError(key, f"must be one of {', '.join(allowed)}, got "
                                              f"{getattr(self, key)!r}")
@@ -120,6 +133,10 @@ class L2ULConfig:
             raise MethodConfigError("relax_progress", f"must be in [0, 1), got {self.relax_progress}")
         if not self.neighbour_weight >= 0:
             raise MethodConfigError("neighbour_weight", f"must be >= 0, got {self.neighbour_weight}")
+        if self.head_updates < 1:
+            raise MethodConfigError("head_updates", f"must be >= 1, got {self.head_updates}")
+        if not 0 < self.head_decay <= 1:
+            raise MethodConfigError("head_decay", f"must be in (0, 1], got {self.head_decay}")
 
 
 def margin_loss(logits: torch.Tensor, forget: ForgetSet, margin: float,
@@ -208,8 +225,10 @@ def l2ul_prepare(model, forget: ForgetSet, cfg: L2ULConfig, ctx: Context) -> dic
     _check(cfg, forget)
     model.eval()
     num_classes = forward(model, forget.x[:1]).shape[1]
+    # the head alone needs no importance ("auto" depends on the retain sample's size: not known)
+    head_only = (cfg.retain_update if ctx.with_retain else cfg.update) == "head"
     weights = inverted_importance(mas_importance(model, forget.x, train_mode=not cfg.freeze_bn)) \
-        if cfg.use_importance else {}
+        if cfg.use_importance and not head_only else {}
 
     # Anchor inputs, all labelled by the original model (before any update).
     avoid = forget.key_label  # adversarial targets avoid the label that decides each row
@@ -252,20 +271,22 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
     weights, x_anchor, teacher = setup["importance"], setup["x_anchor"], setup["teacher"]
     hard, row_weight = setup["hard"], setup["row_weight"]
     model.eval()
-    anchor_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    retain_teacher: torch.Tensor | None = None
     if retain is not None:  # privileged real data: its own batches, distilled the same way
         with torch.no_grad():
             retain_teacher = F.softmax(forward(model, retain.x), 1)
+    head = _head_to_update(model, forget, cfg, retain, ctx)
+    if head is not None:
+        _update_head(model, forget, cfg, retain, retain_teacher, setup, head, ctx)
+        return
+    anchor_params = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     # The bounded update: forget hinge + relaxing anchors (+ retain) + importance penalty.
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-    # Adam's first steps move every weight by about lr before the anchors (distillation
-    # toward the unchanged model: zero gradient at step 0) push back; a warm-up shrinks them.
-    warmup = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0)
+    warmup = _warmup(opt, cfg)
     n_anchor = len(x_anchor)
     per_step = cfg.anchor_batch if retain is None else cfg.retain_anchor_batch
     cursor = retain_cursor = 0
@@ -287,7 +308,7 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
             anchor = distill(out, teacher[idx], row_weight[idx]) if cfg.anchor_loss == "kl" \
                 else (F.cross_entropy(out, hard[idx], reduction="none") * row_weight[idx]).mean()
             loss = loss + weight * anchor
-        if retain is not None:
+        if retain is not None and retain_teacher is not None:
             ridx = torch.arange(retain_cursor, retain_cursor + min(per_step, len(retain.x)))
             ridx = ridx % len(retain.x)
             retain_cursor = int(ridx[-1] + 1) % len(retain.x)
@@ -301,3 +322,84 @@ def l2ul(model, forget: ForgetSet, cfg: L2ULConfig, retain, ctx: Context) -> Non
                 or stalled(forget_losses, cfg.relax_patience, cfg.relax_progress):
             weight *= cfg.anchor_decay
             retain_weight *= cfg.retain_decay
+
+
+def _head_to_update(model, forget: ForgetSet, cfg: L2ULConfig, retain,
+                    ctx: Context) -> tuple[str, torch.nn.Module] | None:
+    """``(name, head)`` when only the head moves (``update``, or with a retain sample
+    ``retain_update``), None when every parameter does. "auto" falls back to every parameter
+    for a retain sample under ``head_min_retain`` rows or a model without a head; an asked-for
+    head that the model does not have is an error (``NoHeadError``)."""
+    wanted = cfg.update if retain is None else cfg.retain_update
+    if wanted == "all" or (wanted == "auto" and len(retain.x) < cfg.head_min_retain):
+        return None
+    try:
+        return classifier_head(model, forget.x)
+    except NoHeadError as e:
+        if wanted != "auto":
+            raise
+        ctx.info["head_update_skipped"] = str(e)
+        return None
+
+
+def _warmup(opt: torch.optim.Optimizer, cfg: L2ULConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Adam's first steps move every weight by about lr before the anchors (distillation
+    toward the unchanged model: zero gradient at step 0) push back; a warm-up shrinks them."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0)
+
+
+def _update_head(model, forget: ForgetSet, cfg: L2ULConfig, retain, retain_teacher,
+                 setup: dict[str, Any], named_head: tuple[str, torch.nn.Module],
+                 ctx: Context) -> None:
+    """The same losses with only the classifier head moving (``unlearning.head``). What the
+    head receives cannot change, so it is computed once for the forget rows, the anchors and
+    the retain rows; an update is then a pass through the head alone, so every anchor and
+    every retain row is in every update, a step is ``head_updates`` updates, and the anchors
+    relax by ``head_decay`` on every update. There is no importance penalty: it never
+    relaxes, and on the few weights of a head it holds every row in place."""
+    name, head = named_head
+    feats = lambda x: head_inputs(model, head, x)
+    f_forget, f_anchor = feats(forget.x), feats(setup["x_anchor"])
+    f_retain = feats(retain.x) if retain is not None else None
+    teacher, row_weight = setup["teacher"], setup["row_weight"]
+    logits_of = lambda f: head(f).to(forget.x.device)
+    rows = len(f_forget) + len(f_anchor) + (len(f_retain) if f_retain is not None else 0)
+    # An update backpropagates through the head alone: it is not counted as example-gradients
+    # of the whole model (``grad_examples``), but here, in rows through the head.
+    ctx.info.update(updated=name, updated_parameters=sum(p.numel() for p in head.parameters()),
+                    head_rows_per_update=rows)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr) if cfg.optimizer == "adam" \
+        else torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    warmup = _warmup(opt, cfg)
+    weight = cfg.anchor_weight
+    retain_weight = cfg.anchor_weight * cfg.retain_weight
+    head.eval()  # no dropout: the anchors' targets were computed in eval mode
+
+    def loss_now() -> torch.Tensor:
+        logits = logits_of(f_forget)
+        loss = margin_loss(logits, forget, cfg.margin, ctx.ceiling,
+                           active_only=cfg.forget_average == "active") \
+            if cfg.forget_loss == "margin" else directional_ce(logits, forget)
+        if len(f_anchor):
+            out = logits_of(f_anchor)
+            anchor = distill(out, teacher, row_weight) if cfg.anchor_loss == "kl" \
+                else (F.cross_entropy(out, setup["hard"], reduction="none") * row_weight).mean()
+            loss = loss + weight * anchor
+        if f_retain is not None:
+            loss = loss + retain_weight * distill(logits_of(f_retain), retain_teacher)
+        return loss
+
+    while not ctx.done:
+        for update in range(cfg.head_updates):
+            loss = loss_now()
+            if update < cfg.head_updates - 1:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            else:  # the step: the last update, then the objective check
+                ctx.step(opt, loss, forget_logits=lambda: logits_of(f_forget))
+            warmup.step()
+            weight *= cfg.head_decay
+            retain_weight *= cfg.head_decay
+    ctx.info["head_updates"] = ctx.steps * cfg.head_updates

@@ -3,6 +3,7 @@ counts steps against the budget and stops as soon as every objective holds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,8 +78,11 @@ class Context:
     def done(self) -> bool:
         return self.reached or self.steps >= self.max_steps
 
-    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
-        """One optimiser step, then the objective check. Returns True when the loop must end."""
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+             forget_logits: Callable[[], torch.Tensor] | None = None) -> bool:
+        """One optimiser step, then the objective check. Returns True when the loop must end.
+        ``forget_logits``: the updated model's logits on the forget rows, for a method that
+        can compute them more cheaply than a forward pass (one that moves only the head)."""
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -87,7 +91,11 @@ class Context:
         if self.steps % CEILING_REFRESH == 0:  # one forward pass over the held-out reference
             phi_ref = self.forget.reference_confidence(self.model)
             self.ceiling = self.forget.ceilings_for(self.model, phi_ref)
-        ok = self.forget.satisfied_by(self.model, phi_ref)
+        logits = None
+        if forget_logits is not None:
+            with torch.no_grad():
+                logits = forget_logits()
+        ok = self.forget.satisfied_by(self.model, phi_ref, logits)
         self.reached = bool(ok.all())
         if self.progress and (self.reached or self.steps % 10 == 0):
             self.progress(self.steps, self.max_steps,
