@@ -44,6 +44,14 @@ training data in place of the BatchNorm-inverted images (``retain_synthetic_anch
 0, replaces ``synthetic_anchors``: the inversion is most of the set-up), and each step sees
 ``retain_anchor_batch`` anchors and as many retain rows instead of ``anchor_batch`` anchors.
 
+Which parameters move (``update``; with a retain sample ``retain_update``): every one, or only
+the classifier head (``unlearning.head``: the trailing linear layers). The head alone runs on
+features computed once, so an update costs a pass through a few linear layers and sees every
+anchor and every retain row; it has fewer ways to separate a forget instance from its class,
+so it needs real rows to hold it in place. The default is the whole network without a retain
+sample and, with one, the head from ``head_min_retain`` rows on ("auto"); with fewer real
+rows, or a model without a head, the whole network.
+
 Why each change, and the ablation that measures it: docs/l2ul.md.
 """
 
