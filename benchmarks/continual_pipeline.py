@@ -1,7 +1,7 @@
 """Continual deletions through the whole pipeline, with escalation and consolidation.
 
-In a fresh state folder (the project's params.yaml with ``--dataset``, ``--epochs`` and
-``unlearn.consolidate_every`` set), the script runs the real CLI, one process per command:
+In a fresh state folder (the project's params.yaml with ``--dataset``, ``--epochs``,
+``unlearn.consolidate_every`` and ``unlearn.retain_fraction`` set), the script runs the real CLI, one process per command:
 ``unlearn pretrain``, then ``--batches`` rounds of ``unlearn submit`` (``--k`` rows of
 ``--objective``, drawn by ``--seed`` from training instances not deleted before; ``relabel``
 rows get the next class) and ``unlearn run --json``. Per batch it records the run's wall
@@ -76,18 +76,22 @@ def main() -> None:
     ap.add_argument("--consolidate-every", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=3, help="the pretrain recipe (and retrains)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retain-fraction", type=float, default=0.0,
+                    help="unlearn.retain_fraction: 0 (forget set only) up to 0.01")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--metrics", type=Path)
     args = ap.parse_args()
-    if not (1 <= args.batches <= 100 and 1 <= args.k <= 1024 and 1 <= args.epochs <= 100):
-        ap.error("--batches 1..100, --k 1..1024, --epochs 1..100")
+    if not (1 <= args.batches <= 100 and 1 <= args.k <= 1024 and 1 <= args.epochs <= 100
+            and 0.0 <= args.retain_fraction <= 0.01):
+        ap.error("--batches 1..100, --k 1..1024, --epochs 1..100, --retain-fraction 0..0.01")
 
     home = Path(tempfile.mkdtemp(prefix="continual-pipeline-"))
     try:
         shutil.copy(ROOT / "params.yaml", home / "params.yaml")
         set_params(home, dataset={"name": args.dataset},
                    pretrain={"epochs": args.epochs, "seed": args.seed},
-                   unlearn={"consolidate_every": args.consolidate_every})
+                   unlearn={"consolidate_every": args.consolidate_every,
+                            "retain_fraction": args.retain_fraction})
         pretrain_s, out = command(home, "pretrain", "--json")
         base = json.loads(out)
         sys.path.insert(0, str(ROOT))
@@ -145,7 +149,8 @@ def main() -> None:
     result = {
         "benchmark": "continual-pipeline", "dataset": args.dataset, "objective": args.objective,
         "k": args.k, "batches": args.batches, "consolidate_every": args.consolidate_every,
-        "epochs": args.epochs, "seed": args.seed, "pretrain_s": pretrain_s,
+        "epochs": args.epochs, "seed": args.seed, "retain_fraction": args.retain_fraction,
+        "pretrain_s": pretrain_s,
         "base_test_acc": base.get("test_acc"), "rows": rows, "consolidations": consolidations,
         "reference": reference, "reference_s": ref_s,
         "requests_done": sum(s.startswith("done") for s in statuses),
@@ -181,8 +186,12 @@ def exact_champion(rows: list[dict], consolidations: list[dict]) -> tuple[dict |
 
 def render(r: dict) -> str:
     ref = r["reference"]
+    every = r["consolidate_every"]
+    retain = r.get("retain_fraction") or 0.0
     lines = [(f"# {r['batches']} batches of {r['k']} `{r['objective']}` rows on {r['dataset']}, "
-             f"consolidating every {r['consolidate_every']} rows (seed {r['seed']})"), "",
+             + (f"consolidating every {every} rows" if every else "no consolidation")
+             + (f", a retain sample of {retain:.1%} of the training rows" if retain else "")
+             + f" (seed {r['seed']})"), "",
              f"Base model: test {r['base_test_acc']:.2f}% ({r['epochs']} pre-training epochs, "
              f"{r['pretrain_s']:.0f} s). Reference, retrained without all "
              f"{r['batches'] * r['k']} deleted rows: "
