@@ -14,6 +14,7 @@ two, and refuses a champion that lacks a committed deletion.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterator
@@ -381,10 +382,12 @@ def _recorded_test_acc(client, cfg: PipelineParams, version: int) -> float | Non
 
 
 def _drift(paths: Paths, cfg: PipelineParams, client, version: int) -> consolidation.Drift | None:
-    name = cfg.registry.model_name
+    @functools.cache  # asked once, when the walk meets a release the ledger calls inexact
+    def exact_versions() -> set[int]:
+        return escalation.exact_versions(client, cfg.registry.model_name)
 
     def exact(v: int) -> bool:
-        return escalation.exact_tags(registry.version_info(client, name, v).tags)
+        return v in exact_versions()
 
     with Ledger(paths.ledger) as ledger:
         return consolidation.since_base(ledger, version, exact)

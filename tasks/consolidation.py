@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import registry
 from .ledger import Ledger
 from .params import EXACT_RETRAIN, PipelineParams
 
@@ -111,8 +112,7 @@ def due(cfg: PipelineParams, drift: Drift | None, lost: float | None) -> str | N
 def find(client, cfg: PipelineParams, parent: int) -> Any | None:
     """The consolidation an interrupted run registered on ``parent`` with this params.yaml,
     or None (it is finished, never registered twice)."""
-    found = client.search_model_versions(f"name = '{cfg.registry.model_name}'")
-    same = [mv for mv in found if mv.tags.get(CONSOLIDATION_TAG) == "true"
-            and mv.tags.get("parent_version") == str(parent)
-            and mv.tags.get("params_sha256") == cfg.sha256()]
-    return max(same, key=lambda mv: int(mv.version)) if same else None
+    same = registry.versions_tagged(client, cfg.registry.model_name,
+                                    **{CONSOLIDATION_TAG: "true", "parent_version": str(parent),
+                                       "params_sha256": cfg.sha256()})
+    return same[-1] if same else None

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import registry
 from .gates import GateReport, check_base_gates, check_gates
 from .params import EXACT_RETRAIN, GatesParams, PipelineParams
 from .paths import Paths
@@ -97,6 +98,14 @@ def exact_tags(tags: dict[str, str]) -> bool:
     return tags.get("exact") == "true" or tags.get("method") == EXACT_RETRAIN
 
 
+def exact_versions(client, name: str) -> set[int]:
+    """Every registered version of ``name`` that ``exact_tags`` holds for, from two searches
+    the registry filters itself: exact versions are few, and asking version by version
+    costs a query per release of the lineage."""
+    return {int(mv.version) for tags in ({"exact": "true"}, {"method": EXACT_RETRAIN})
+            for mv in registry.versions_tagged(client, name, **tags)}
+
+
 def attempt_of(cfg: PipelineParams, tags: dict[str, str]) -> Attempt:
     """The attempt a registered release was built with, from its tags (``unlearn verify``
     rebuilds it the same way); a release from before escalation: the primary method."""
@@ -147,9 +156,7 @@ def rebuild_steps(paths: Paths, cfg: PipelineParams, parent: dict[str, Any], bat
 
 def batch_versions(client, name: str, batch_id: str) -> list[Any]:
     """Every registered version released for ``batch_id`` alone (any parent), oldest first."""
-    found = client.search_model_versions(f"name = '{name}'")
-    return sorted((mv for mv in found if mv.tags.get("batch_id") == batch_id),
-                  key=lambda mv: int(mv.version))
+    return registry.versions_tagged(client, name, batch_id=batch_id)
 
 
 def find_attempt(client, cfg: PipelineParams, batch_id: str, parent: int,

@@ -288,6 +288,24 @@ def served_check(client, name: str, version: int) -> dict[str, Any]:
         return compare(folder, dict(mv.tags), what)
 
 
+def versions_tagged(client, name: str, **tags: str) -> list[Any]:
+    """The versions of ``name`` whose tags hold every value in ``tags``, oldest first. The
+    registry filters them itself (one clause per tag), so the answer costs what the matches
+    cost, not what the whole registry does: a pipeline pass asks several times, and a model
+    with years of weekly releases has hundreds of versions. A value the filter syntax
+    cannot quote (a quote or a backslash) is a RegistryError."""
+    def quoted(value: str) -> str:
+        if "'" in value or "\\" in value:
+            raise RegistryError(f"cannot search the registry for {value!r}: it holds a quote "
+                                "or a backslash")
+        return f"'{value}'"
+
+    clauses = [f"name = {quoted(name)}"]
+    clauses += [f"tags.`{key}` = {quoted(value)}" for key, value in tags.items()]
+    return sorted(client.search_model_versions(" AND ".join(clauses)),
+                  key=lambda mv: int(mv.version))
+
+
 def find_batch_version(client, name: str, batch_id: str, parent: int,
                        params_sha256: str) -> Any | None:
     """The version already registered for ``batch_id`` (one batch, or a replay's
@@ -300,15 +318,14 @@ def find_batch_version(client, name: str, batch_id: str, parent: int,
     from mlflow.exceptions import MlflowException
 
     try:
-        found = client.search_model_versions(f"name = '{name}'")
+        found = versions_tagged(client, name, batch_id=batch_id, parent_version=str(parent),
+                                params_sha256=params_sha256)
     except MlflowException as e:
         if _not_found(e):
             return None
         raise
-    same = [mv for mv in found if mv.tags.get("batch_id") == batch_id
-            and mv.tags.get("parent_version") == str(parent)
-            and mv.tags.get("params_sha256") == params_sha256 and "attempt" not in mv.tags]
-    return min(same, key=lambda mv: int(mv.version)) if same else None
+    same = [mv for mv in found if "attempt" not in mv.tags]
+    return same[0] if same else None
 
 
 def close_stale_runs(client, experiment: str, batch_id: str,

@@ -19,8 +19,10 @@ import pytest
 import yaml
 from flow_helpers import cli, cli_json, dvc
 
+from tasks import consolidation, escalation, registry
 from tasks.consolidation import Drift, due, unlearned_since_exact
-from tasks.params import parse_params
+from tasks.params import load_params, parse_params
+from tasks.paths import Paths
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -135,6 +137,20 @@ def test_consolidation_becomes_the_new_base(tmp_path, monkeypatch, write_params)
     rebuilt = json.loads((root / "artifacts/releases/hashes.json").read_text())["releases"]
     assert {int(v): r["weights_sha256"] for v, r in rebuilt.items()} == {
         v: d["lineage"]["weights_sha256"] for v, d in _versions().items()}
+
+    # the pipeline's lookups by tag, which the registry filters, find what a scan finds
+    cfg = load_params(root / "params.yaml")
+    client, name = registry.connect(Paths(root), cfg), cfg.registry.model_name
+    every = client.search_model_versions(f"name = '{name}'")
+    exact = escalation.exact_versions(client, name)
+    assert 4 in exact and exact == {int(mv.version) for mv in every
+                                    if escalation.exact_tags(mv.tags)}
+    for batch_id in {mv.tags["batch_id"] for mv in every if mv.tags.get("batch_id")}:
+        assert [int(mv.version) for mv in escalation.batch_versions(client, name, batch_id)] \
+            == sorted(int(mv.version) for mv in every if mv.tags.get("batch_id") == batch_id)
+    assert int(consolidation.find(client, cfg, 3).version) == 4
+    with pytest.raises(registry.RegistryError, match="holds a quote"):
+        registry.versions_tagged(client, name, batch_id="x' OR name != '")
 
 
 @pytest.mark.parametrize("point, registered", [

@@ -200,8 +200,9 @@ def test_a_failed_pass_ends_the_watch_and_loses_nothing(home, monkeypatch):
             manifest = home.paths.manifest(batch_id)
             kept = manifest.read_bytes()
             manifest.unlink()  # a pending batch's input is gone
-            failure = watcher.said_line("unlearn run: failed:")
-            assert watcher.wait(timeout=WAIT) == 1
+        # the state is checked under the lock: while another command holds it, passes wait
+        failure = watcher.said_line("unlearn run: failed:")
+        assert watcher.wait(timeout=WAIT) == 1
     finally:
         watcher.stop()
     assert batch_id in failure, failure
