@@ -169,8 +169,8 @@ def audit(paths: Paths, cfg: PipelineParams, ident: str, *, live: bool = True) -
                            None) for b in batches}
         # exact retrains in the champion's lineage (consolidations, exact releases), newest
         # first like ``chain``: one at or after a batch's carrier never trained on its rows
-        exact_at = [i for i, v in enumerate(chain)
-                    if escalation.exact_tags(registry.version_info(client, name, v).tags)]
+        exact = escalation.exact_versions(client, name) if chain else set()
+        exact_at = [i for i, v in enumerate(chain) if v in exact]
         champion_rel = ledger.release(champion) if champion is not None else None
         parent_version = champion_rel["parent"] if champion_rel else None
         unseen_rows = {b: ledger.requests(b) for b, batch in batches.items()

@@ -92,18 +92,22 @@ def attempt_params(cfg: PipelineParams, attempt: Attempt) -> PipelineParams:
     return cfg.with_overrides("unlearn", method=attempt.method, params=dict(attempt.params))
 
 
+# the tags that mark a version exact: any one of them is enough
+EXACT_MARKS = (("exact", "true"), ("method", EXACT_RETRAIN))
+
+
 def exact_tags(tags: dict[str, str]) -> bool:
     """A registered version whose last step was an exact retrain (an exact attempt, a
     consolidation, a replay the policy finished with one), from its tags."""
-    return tags.get("exact") == "true" or tags.get("method") == EXACT_RETRAIN
+    return any(tags.get(key) == value for key, value in EXACT_MARKS)
 
 
 def exact_versions(client, name: str) -> set[int]:
-    """Every registered version of ``name`` that ``exact_tags`` holds for, from two searches
-    the registry filters itself: exact versions are few, and asking version by version
-    costs a query per release of the lineage."""
-    return {int(mv.version) for tags in ({"exact": "true"}, {"method": EXACT_RETRAIN})
-            for mv in registry.versions_tagged(client, name, **tags)}
+    """Every registered version of ``name`` that ``exact_tags`` holds for, one search per
+    mark, filtered by the registry itself: exact versions are few, and asking version by
+    version costs a query per release of the lineage."""
+    return {int(mv.version) for key, value in EXACT_MARKS
+            for mv in registry.versions_tagged(client, name, **{key: value})}
 
 
 def attempt_of(cfg: PipelineParams, tags: dict[str, str]) -> Attempt:
