@@ -26,6 +26,8 @@ from ``after:start_run`` on, for the one version it registers):
                              ledger does not know the batch yet
 ``after:record_submit``      the ledger records the batch as pending; its manifest is still
                              staged (the next command moves it into data/deletions/)
+``in:read_stores``           a state check has listed data/deletions/ and has not read the
+                             ledger yet (every command that checks the records passes it)
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .faults import fault
 from .ledger import Batch, Ledger, LedgerError, ledger_present, ledger_url
 from .params import PipelineParams
 from .paths import Paths
@@ -199,11 +200,14 @@ def read_registry(paths: Paths, cfg: PipelineParams, stores: Stores,
         stores.registry = "empty"
 
 
+def read_manifests(paths: Paths, stores: Stores) -> None:
+    if paths.deletions.is_dir():
+        stores.manifests = {p.stem: p for p in sorted(paths.deletions.glob("*.csv"))}
+
+
 def read_data(paths: Paths, stores: Stores) -> None:
     from .datastore import DataTrackingError, read_release_order
 
-    if paths.deletions.is_dir():
-        stores.manifests = {p.stem: p for p in sorted(paths.deletions.glob("*.csv"))}
     try:
         stores.order = read_release_order(paths)
     except DataTrackingError as e:
@@ -212,6 +216,12 @@ def read_data(paths: Paths, stores: Stores) -> None:
 
 def read_stores(paths: Paths, cfg: PipelineParams, snapshot: bool = False) -> Stores:
     stores = Stores()
+    # data/deletions/ before the ledger: a submit records its batch in the ledger before it
+    # moves the manifest there, so every manifest listed is in the ledger read after it,
+    # even when submits finish while the records are read (a watcher checks the state
+    # while requests keep arriving)
+    read_manifests(paths, stores)
+    fault("in:read_stores")
     read_ledger(paths, stores)
     read_registry(paths, cfg, stores, snapshot=snapshot)
     read_data(paths, stores)

@@ -7,7 +7,9 @@
 - concurrent ``unlearn submit`` clients with distinct manifests are all recorded, each
   exactly once (no lost request, no duplicate, distinct sequence numbers);
 - the same manifest submitted by several clients at once becomes one batch; the others are
-  told it is already submitted (exit 0, nothing recorded).
+  told it is already submitted (exit 0, nothing recorded);
+- a submit that finishes while a run reads the records is not taken for a lost ledger
+  record: the run goes on and releases it.
 """
 
 from __future__ import annotations
@@ -135,6 +137,32 @@ def test_a_killed_lock_holder_leaves_no_stale_lock(home, monkeypatch):
     assert time.monotonic() - started < 300  # proceeded, no waiting for a lock timeout
 
 
+def test_a_submit_during_the_state_check_is_not_a_lost_record(home, tmp_path, monkeypatch):
+    """A watcher checks the records while requests keep arriving: a batch accepted between
+    the check's reads of data/deletions/ and of the ledger must not read as a manifest the
+    ledger lost (that ended ``run --watch`` with "run `unlearn repair`")."""
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    rc, out, err = cli("submit", str(home.manifest(2, tag="before-check")))
+    assert rc == 0, err
+    first_id = out.split(":")[0]
+    gate = tmp_path / "gate"
+    gate.touch()
+    run = start(home, "run", UNLEARN_FAULT="in:read_stores=wait", UNLEARN_FAULT_GATE=str(gate))
+    try:
+        wait_for(Path(f"{gate}.reached"), run)  # one record read, the other not yet
+        rc, out, err = finish(start(home, "submit", str(home.manifest(2, tag="during-check"))))
+        assert rc == 0, out + err
+        second_id = out.split(":")[0]
+        assert home.paths.manifest(second_id).is_file()
+    finally:
+        gate.unlink(missing_ok=True)
+    rc, out, err = finish(run)
+    assert rc == 0, out + err[-3000:]
+    assert "unlearn repair" not in err
+    assert f"{first_id}: done -> version" in out
+    assert f"{second_id}: done -> version" in out  # read from the ledger after the wait
+
+
 @pytest.mark.parametrize("clients", [
     pytest.param(4, id="4-clients"),
     # 10 processes on 2 cores still race for the ledger; each costs ~10 s of CPU (a whole
@@ -179,3 +207,4 @@ def test_the_same_manifest_submitted_at_once_is_one_batch(home):
     assert all(o.startswith(f"{batch_id}: ") for o in again)
     batches, _ = ledger_rows(home.paths)
     assert [b[0] for b in batches if b not in batches0] == [batch_id]
+
