@@ -114,7 +114,7 @@ def list_versions(client, name: str) -> list[dict[str, Any]]:
     from mlflow.exceptions import MlflowException
 
     try:
-        found = client.search_model_versions(f"name = '{name}'")
+        found = client.search_model_versions(f"name = {quoted(name)}")
         aliases = client.get_registered_model(name).aliases
     except MlflowException as e:
         if _not_found(e):
@@ -288,18 +288,21 @@ def served_check(client, name: str, version: int) -> dict[str, Any]:
         return compare(folder, dict(mv.tags), what)
 
 
+def quoted(value: str) -> str:
+    """``value`` as a quoted literal of an MLflow search filter; a RegistryError for a value
+    the filter syntax cannot quote (a quote or a backslash)."""
+    if "'" in value or "\\" in value:
+        raise RegistryError(f"cannot search the registry for {value!r}: it holds a quote "
+                            "or a backslash")
+    return f"'{value}'"
+
+
 def versions_tagged(client, name: str, **tags: str) -> list[Any]:
     """The versions of ``name`` whose tags hold every value in ``tags``, oldest first. The
     registry filters them itself (one clause per tag), so the answer costs what the matches
     cost, not what the whole registry does: a pipeline pass asks several times, and a model
     with years of weekly releases has hundreds of versions. A value the filter syntax
     cannot quote (a quote or a backslash) is a RegistryError."""
-    def quoted(value: str) -> str:
-        if "'" in value or "\\" in value:
-            raise RegistryError(f"cannot search the registry for {value!r}: it holds a quote "
-                                "or a backslash")
-        return f"'{value}'"
-
     clauses = [f"name = {quoted(name)}"]
     clauses += [f"tags.`{key}` = {quoted(value)}" for key, value in tags.items()]
     return sorted(client.search_model_versions(" AND ".join(clauses)),
@@ -337,8 +340,8 @@ def close_stale_runs(client, experiment: str, batch_id: str,
     if exp is None:
         return []
     closed = []
-    for run in client.search_runs([exp.experiment_id],
-                                  f"tags.batch_id = '{batch_id}' and attributes.status = 'RUNNING'"):
+    running = f"tags.batch_id = {quoted(batch_id)} and attributes.status = 'RUNNING'"
+    for run in client.search_runs([exp.experiment_id], running):
         status = "FINISHED" if run.info.run_id == registered_run else "FAILED"
         client.set_terminated(run.info.run_id, status)
         closed.append(run.info.run_id)

@@ -53,6 +53,13 @@ def test_defaults_fill_missing_sections():
      "unlearn: fallback[0].method: neggrad takes no retain sample"),
     ({"unlearn": {"fallback": [{"method": "ssd"}]}},
      "unlearn: fallback[0].method: ssd needs a retain sample"),
+    ({"registry": {"model_name": "it's"}},
+     "registry.model_name: \"it's\" holds the character(s) \"'\"; use letters, digits"),
+    ({"registry": {"model_name": "team/model"}}, "holds the character(s) '/'"),
+    ({"registry": {"model_name": "a\\b"}}, "holds the character(s) '\\\\'"),
+    ({"registry": {"model_name": " padded"}}, "holds leading or trailing spaces"),
+    ({"registry": {"experiment": "x\ny"}},
+     "registry.experiment: 'x\\ny' holds the character(s) '\\n'"),
     ([1, 2], "expected a mapping"),
 ])
 def test_invalid_params_are_named(data, message):
