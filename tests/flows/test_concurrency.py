@@ -207,4 +207,3 @@ def test_the_same_manifest_submitted_at_once_is_one_batch(home):
     assert all(o.startswith(f"{batch_id}: ") for o in again)
     batches, _ = ledger_rows(home.paths)
     assert [b[0] for b in batches if b not in batches0] == [batch_id]
-
