@@ -218,19 +218,30 @@ class RegistryParams(_Section):
     model_name: str = Field(default="forget-classifier", min_length=1, max_length=200)
     experiment: str = Field(default="unlearning", min_length=1, max_length=200)
 
-    @field_validator("model_name", "experiment")
+    @field_validator("model_name")
     @classmethod
-    def _name(cls, name: str) -> str:
+    def _model_name(cls, name: str) -> str:
         # MLflow refuses "/" and ":" in a registered model's name only when it first
         # registers one; the registry's searches put the name inside a quoted filter, where a
         # quote or a backslash would change the query. Refused here, before anything runs.
-        bad = sorted({c for c in name if c in "/:'\\\"" or not c.isprintable()})
-        if bad or name != name.strip():
-            what = ("leading or trailing spaces" if not bad
-                    else "the character(s) " + " ".join(repr(c) for c in bad))
-            raise ValueError(f"{name!r} holds {what}; use letters, digits, spaces inside, "
-                             "'-', '_' or '.'")
-        return name
+        return _checked_name(name, forbidden="/:'\\\"",
+                             allowed="letters, digits, spaces inside, '-', '_' or '.'")
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, name: str) -> str:
+        # An experiment is looked up by name, never through a filter, and workspace-style
+        # names such as /Users/me/unlearning are common: only what no name can hold is refused.
+        return _checked_name(name, forbidden="", allowed="printable characters")
+
+
+def _checked_name(name: str, forbidden: str, allowed: str) -> str:
+    bad = sorted({c for c in name if c in forbidden or not c.isprintable()})
+    if bad or name != name.strip():
+        what = ("leading or trailing spaces" if not bad
+                else "the character(s) " + " ".join(repr(c) for c in bad))
+        raise ValueError(f"{name!r} holds {what}; use {allowed}")
+    return name
 
 
 class RuntimeParams(_Section):

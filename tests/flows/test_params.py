@@ -69,6 +69,23 @@ def test_invalid_params_are_named(data, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_workspace_style_experiment_name_is_used_as_given(tmp_path):
+    # experiments are looked up by name, never through a filter: '/', ':' and quotes work
+    import mlflow
+
+    from tasks import registry
+    from tasks.paths import Paths
+
+    name = "/Users/o'brien/unlearning: weekly"
+    cfg = parse_params({"registry": {"experiment": name}}, source="params.yaml")
+    client = registry.connect(Paths(tmp_path), cfg)
+    with mlflow.start_run(tags={"batch_id": "b0001-x"}) as run:
+        pass
+    client.set_terminated(run.info.run_id, "RUNNING")
+    assert client.get_experiment_by_name(name) is not None
+    assert registry.close_stale_runs(client, name, "b0001-x") == [run.info.run_id]
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="cannot read"):
         load_params(tmp_path / "absent.yaml")
