@@ -15,7 +15,7 @@ from unlearning.methods import (
     setup_settings,
     unlearn,
 )
-from unlearning.methods.l2ul import margin_loss, shifted_copies, stalled
+from unlearning.methods.l2ul import margin_loss, model_anchors, shifted_copies, stalled
 from unlearning.models import weights_sha256
 from unlearning.train import TrainConfig
 
@@ -189,6 +189,23 @@ def test_l2ul_anchors_eight_shifted_copies_of_every_forget_image_by_default(digi
     forget = forget_set_for(ds, "misclassify", 4, seed=0)
     res = unlearn("l2ul", model, forget, {"max_steps": 1, "synthesis_steps": 1}, seed=0)
     assert res.info["neighbour_anchors"] == 8 * 4
+
+
+def test_noise_started_anchors_depend_on_the_model_alone(digits_model):
+    """synthetic_init="noise": the same inverted anchors for any forget set (they could be made
+    once per model version); the default starts them from the forget set."""
+    model, ds = digits_model
+    made = model_anchors(model, ds.train_x[:1], count=16, steps=2)
+    rows = lambda t: {tuple(r.flatten().tolist()) for r in t}
+    params = {"synthesis_steps": 2, "synthetic_anchors": 16}
+    for seed in (0, 1):
+        forget = forget_set_for(ds, "misclassify", 4, seed=seed)
+        noise = prepare("l2ul", model, forget, {**params, "synthetic_init": "noise"}, seed=0)
+        default = prepare("l2ul", model, forget, params, seed=0)
+        assert rows(made) <= rows(noise["state"]["x_anchor"])
+        assert not rows(made) & rows(default["state"]["x_anchor"])
+    with pytest.raises(ValueError, match="synthetic_init"):
+        unlearn("l2ul", model, forget, {"synthetic_init": "zeros"}, seed=0)
 
 
 @pytest.mark.parametrize("bad", [{"neighbour_weight": -1.0}, {"neighbour_weight": float("nan")},

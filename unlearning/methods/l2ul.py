@@ -98,6 +98,11 @@ class L2ULConfig:
     mixup_anchors: int = 0  # 0 switches mixup anchors off
     synthetic_anchors: int = 256  # BN-inverted images started from mixups; 0 = off
     synthesis_steps: int = 30
+    # where the inversion starts: "forget" (mixups of the forget instances and their
+    # adversarial examples) or "noise" (uniform noise of a fixed seed). "noise" anchors
+    # depend on the model alone and could be made once per model version, but they lie away
+    # from the forget instances and hold less of what surrounds them (docs/l2ul.md)
+    synthetic_init: str = "forget"
     anchor_batch: int = 128
     freeze_bn: bool = True
     optimizer: str = "adam"  # "adam" | "sgd" (reference: SGD lr 1e-3, momentum 0.9)
@@ -130,7 +135,8 @@ class L2ULConfig:
         floats, positive lr, counts) are ``registry.check_ranges``."""
         for key, allowed in (("forget_loss", ("margin", "neg-ce")), ("anchor_loss", ("kl", "ce")),
                              ("optimizer", ("adam", "sgd")), ("forget_average", ("all", "active")),
-                             ("update", UPDATES), ("retain_update", ("auto", *UPDATES))):
+                             ("update", UPDATES), ("retain_update", ("auto", *UPDATES)),
+                             ("synthetic_init", ("forget", "noise"))):
             if getattr(self, key) not in allowed:
                 raise MethodConfigError(key, f"must be one of {', '.join(allowed)}, got "
                                              f"{getattr(self, key)!r}")
@@ -249,7 +255,9 @@ def l2ul_prepare(model, forget: ForgetSet, cfg: L2ULConfig, ctx: Context) -> dic
     x_near = shifted_copies(forget.x, cfg.neighbour_shifts, cfg.max_shift, ctx.g)
     x_syn = x_mix[:0]
     synthetic = cfg.retain_synthetic_anchors if ctx.with_retain else cfg.synthetic_anchors
-    if synthetic and has_batchnorm(model):
+    if synthetic and has_batchnorm(model) and cfg.synthetic_init == "noise":
+        x_syn = model_anchors(model, forget.x, synthetic, cfg.synthesis_steps)
+    elif synthetic and has_batchnorm(model):
         x_syn = invert_batchnorm(model, mixup_pairs(pool, synthetic, ctx.g),
                                  cfg.synthesis_steps, ctx.g)
     elif synthetic:  # nothing to invert: the other anchors carry the update
@@ -266,6 +274,14 @@ def l2ul_prepare(model, forget: ForgetSet, cfg: L2ULConfig, ctx: Context) -> dic
                     neighbour_anchors=len(x_near), synthetic_anchors=len(x_syn))
     return {"importance": weights, "x_anchor": x_anchor[perm], "teacher": teacher[perm],
             "hard": hard[perm], "row_weight": row_weight[perm]}
+
+
+def model_anchors(model, like: torch.Tensor, count: int, steps: int) -> torch.Tensor:
+    """Anchors inverted from the model's BatchNorm statistics, starting from noise of a fixed
+    seed: a function of the model's weights and these settings alone, never of a forget set."""
+    g = torch.Generator().manual_seed(0)
+    init = torch.rand(count, *like.shape[1:], generator=g).to(like.device)
+    return invert_batchnorm(model, init, steps, g)
 
 
 @register("l2ul", L2ULConfig,
