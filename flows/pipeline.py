@@ -30,7 +30,7 @@ from tasks.faults import fault
 from tasks.gates import check_base_gates
 from tasks.ledger import Ledger
 from tasks.lineage import LineageError, guard, missing_reason, previous_champion, reconcile
-from tasks.locks import pipeline_lock, pipeline_lock_holder
+from tasks.locks import pipeline_lock, pipeline_lock_holder, submit_lock
 from tasks.params import EXACT_RETRAIN, PipelineParams, load_params
 from tasks.paths import Paths, find_home
 from tasks.release import manifest_problem
@@ -567,7 +567,10 @@ def process_deletions_flow(home: str | None = None) -> dict[str, Any]:
         mismatch = dataset_mismatch(client, cfg, champion)
         if mismatch:
             return {"status": "failed", "reason": mismatch}
-        with Ledger(paths.ledger) as ledger:
+        fault("before:list_pending")
+        # under the submit lock: a submit in flight holds it from its ledger record until its
+        # manifest is in data/deletions/, so every pending batch read here has its manifest
+        with submit_lock(paths), Ledger(paths.ledger) as ledger:
             pending_batches = ledger.batches("pending")
             problems = [p for b in pending_batches if (p := manifest_problem(paths, b))]
             if problems:  # before anything moves: a tampered or lost input stops the run

@@ -28,6 +28,8 @@ from ``after:start_run`` on, for the one version it registers):
                              staged (the next command moves it into data/deletions/)
 ``in:read_stores``           a state check has listed data/deletions/ and has not read the
                              ledger yet (every command that checks the records passes it)
+``before:list_pending``      ``unlearn run`` has checked the records and has not listed the
+                             pending batches yet
 """
 
 from __future__ import annotations

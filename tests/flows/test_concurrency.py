@@ -9,7 +9,9 @@
 - the same manifest submitted by several clients at once becomes one batch; the others are
   told it is already submitted (exit 0, nothing recorded);
 - a submit that finishes while a run reads the records is not taken for a lost ledger
-  record: the run goes on and releases it.
+  record: the run goes on and releases it;
+- a run that lists the pending batches while a submit is between its ledger record and its
+  manifest move waits for that submit instead of taking the manifest for missing.
 """
 
 from __future__ import annotations
@@ -161,6 +163,40 @@ def test_a_submit_during_the_state_check_is_not_a_lost_record(home, tmp_path, mo
     assert "unlearn repair" not in err
     assert f"{first_id}: done -> version" in out
     assert f"{second_id}: done -> version" in out  # read from the ledger after the wait
+
+
+def test_a_submit_between_its_record_and_its_manifest_move_waits_for_the_run(home, tmp_path):
+    """A run lists the pending batches while a submit has recorded its batch and not yet moved
+    the manifest into data/deletions/: the run waits for the submit (the submit lock) instead
+    of failing on a manifest it takes for missing, then releases both batches."""
+    rc, out, err = finish(start(home, "submit", str(home.manifest(2, tag="before-list"))))
+    assert rc == 0, out + err
+    first_id = out.split(":")[0]
+    run_gate, submit_gate = tmp_path / "run-gate", tmp_path / "submit-gate"
+    run_gate.touch()
+    submit_gate.touch()
+    run = start(home, "run", UNLEARN_FAULT="before:list_pending=wait",
+                UNLEARN_FAULT_GATE=str(run_gate))
+    submit = None
+    try:
+        wait_for(Path(f"{run_gate}.reached"), run)  # the records checked, nothing listed
+        submit = start(home, "submit", str(home.manifest(2, tag="during-list")),
+                       UNLEARN_FAULT="after:record_submit=wait",
+                       UNLEARN_FAULT_GATE=str(submit_gate))
+        wait_for(Path(f"{submit_gate}.reached"), submit)  # recorded, manifest still staged
+        run_gate.unlink()
+        time.sleep(5)  # the run lists now: it must wait for the submit, not fail
+        assert run.poll() is None, finish(run)
+    finally:
+        run_gate.unlink(missing_ok=True)
+        submit_gate.unlink(missing_ok=True)
+    rc, out, err = finish(submit)
+    assert rc == 0, out + err
+    second_id = out.split(":")[0]
+    rc, out, err = finish(run)
+    assert rc == 0, out + err[-3000:]
+    assert f"{first_id}: done -> version" in out
+    assert f"{second_id}: done -> version" in out
 
 
 @pytest.mark.parametrize("clients", [
