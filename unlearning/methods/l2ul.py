@@ -96,7 +96,7 @@ class L2ULConfig:
     pgd_eps_rms: float = 0.07  # L2 radius as per-pixel RMS (the reference eps=4 on CIFAR)
     pgd_steps: int = 10
     mixup_anchors: int = 0  # 0 switches mixup anchors off
-    synthetic_anchors: int = 256  # BN-inverted images started from mixups; 0 = off
+    synthetic_anchors: int = 256  # BN-inverted images (started as synthetic_init says); 0 = off
     synthesis_steps: int = 30
     # where the inversion starts: "forget" (mixups of the forget instances and their
     # adversarial examples) or "noise" (uniform noise of a fixed seed). "noise" anchors
@@ -255,11 +255,11 @@ def l2ul_prepare(model, forget: ForgetSet, cfg: L2ULConfig, ctx: Context) -> dic
     x_near = shifted_copies(forget.x, cfg.neighbour_shifts, cfg.max_shift, ctx.g)
     x_syn = x_mix[:0]
     synthetic = cfg.retain_synthetic_anchors if ctx.with_retain else cfg.synthetic_anchors
-    if synthetic and has_batchnorm(model) and cfg.synthetic_init == "noise":
-        x_syn = model_anchors(model, forget.x, synthetic, cfg.synthesis_steps)
-    elif synthetic and has_batchnorm(model):
-        x_syn = invert_batchnorm(model, mixup_pairs(pool, synthetic, ctx.g),
-                                 cfg.synthesis_steps, ctx.g)
+    if synthetic and has_batchnorm(model):
+        x_syn = model_anchors(model, forget.x, synthetic, cfg.synthesis_steps) \
+            if cfg.synthetic_init == "noise" \
+            else invert_batchnorm(model, mixup_pairs(pool, synthetic, ctx.g),
+                                  cfg.synthesis_steps, ctx.g)
     elif synthetic:  # nothing to invert: the other anchors carry the update
         ctx.info["synthetic_anchors_skipped"] = "the model has no BatchNorm statistics to invert"
     x_anchor = torch.cat([x_adv, x_mix, x_near, x_syn])
