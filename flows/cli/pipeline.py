@@ -281,6 +281,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.watch is None:
         raise UsageError("--stop-after needs --watch")
+    if args.watch is None:
+        handed = _hand_to_watcher(args)
+        if handed is not None:
+            return handed
     paths, cfg = context()
     start_prefect_early()
     refuse_if_damaged(paths, cfg, served=True)
@@ -293,7 +297,99 @@ def cmd_run(args: argparse.Namespace) -> int:
     if _has_pending(paths):
         load_release_stack()
     say(f"processing pending batches (state: {paths.home})")
-    result = run_flow(process_deletions_flow, home=str(paths.home))
+    return _report_run(args, run_flow(process_deletions_flow, home=str(paths.home)))
+
+
+def _print_run(result: dict[str, Any]) -> None:
+    for b in result["batches"]:
+        print(_batch_line(b), flush=True)
+    if not result["batches"]:
+        print("no pending batches", flush=True)
+    for c in result.get("consolidations") or []:
+        print(consolidation_line(c), flush=True)
+    if result.get("champion") is not None:
+        print(f"champion: version {result['champion']}", flush=True)
+
+
+REWAKE_S = 2.0  # a pass skipped for a held lock waits out --watch: the wake is repeated
+SETTLE_S = 5.0  # a batch the ledger calls released, with no pass line for it after this
+
+
+def _hand_to_watcher(args: argparse.Namespace) -> int | None:
+    """A one-shot ``unlearn run`` while ``unlearn run --watch`` watches the same state: the
+    watcher, whose stack is loaded, releases the batches that are pending now (``tasks.watcher``
+    wakes it), and this command prints what its passes say, as if it had run them; nothing
+    heavier than the ledger is imported here. None when no watcher is there.
+
+    The wait ends when every batch pending at the start has its pass line, or the ledger says
+    another command released it (then its line comes from the ledger); a pass that fails
+    fails this command with its line, and a watcher that ends before its batches are done
+    leaves them pending, as a killed run does."""
+    from tasks.watcher import watcher_running
+
+    paths, _ = context(read_only=True)
+    if not watcher_running(paths):
+        return None
+    import time
+
+    from tasks.ledger import Ledger, ledger_present
+    from tasks.watcher import PassLog, wake
+
+    passes = PassLog(paths)  # before the listing: a pass that ends after it is in the log
+
+    def pending_now() -> dict[str, Any]:
+        if not ledger_present(paths.ledger):
+            return {}
+        with Ledger(paths.ledger) as ledger:
+            return {b.batch_id: b for b in ledger.batches()}
+
+    wanted = [i for i, b in pending_now().items() if b.state == "pending"]
+    result: dict[str, Any] = {"status": "ok", "batches": [], "consolidations": [],
+                              "champion": None, "watcher": True}
+    if not wanted:
+        say(f"a watcher watches this state ({paths.home}); nothing is pending")
+        return _report_run(args, result)
+    say(f"handing {len(wanted)} pending batch(es) to the watcher of {paths.home}")
+    found: dict[str, dict[str, Any]] = {}
+    settled: dict[str, float] = {}
+    woke = float("-inf")
+    alive = True
+    while True:  # bounded by the watcher's life: it writes its line, or it ends
+        look = not alive or time.monotonic() - woke >= REWAKE_S  # at the ledger too
+        if look:
+            wake(paths)
+            woke = time.monotonic()
+        for p in passes.new_passes():
+            if p.get("status") != "ok":
+                raise Failure(f"the watcher's pass failed: {p.get('reason', 'failed')}")
+            mine = [b for b in p.get("batches", []) if b.get("batch_id") in wanted]
+            found.update((b["batch_id"], b) for b in mine)
+            if mine or p.get("consolidations"):
+                result["consolidations"] += p.get("consolidations") or []
+                result["champion"] = p.get("champion", result["champion"])
+        missing = [i for i in wanted if i not in found]
+        records = pending_now() if missing and look else {}
+        for i in missing:  # released without a line from a watcher: the ledger's word
+            if i in records and records[i].state != "pending":
+                settled.setdefault(i, time.monotonic())
+                if not alive or time.monotonic() - settled[i] >= SETTLE_S:
+                    found[i] = {"batch_id": i, "state": records[i].state,
+                                "version": records[i].version,
+                                "reason": records[i].reason or "", "from_ledger": True}
+        still = [i for i in wanted if i not in found]
+        if not still:
+            break
+        if not alive:
+            raise Failure(f"the watcher stopped before releasing {', '.join(still)}: "
+                          f"{'it stays' if len(still) == 1 else 'they stay'} pending; run "
+                          "`unlearn run` again")
+        alive = watcher_running(paths)  # one more look at the log after it ended
+        time.sleep(0.1)
+    result["batches"] = [found[i] for i in wanted]
+    return _report_run(args, result)
+
+
+def _report_run(args: argparse.Namespace, result: dict[str, Any]) -> int:
     rejected = [b for b in result.get("batches", []) if b["state"] == "rejected"]
     if args.json:
         emit(result)
@@ -304,19 +400,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if rejected or result.get("status") != "ok" else EXIT_OK
 
 
-def _print_run(result: dict[str, Any]) -> None:
-    for b in result["batches"]:
-        print(_batch_line(b), flush=True)
-    if not result["batches"]:
-        print("no pending batches", flush=True)
-    for c in result.get("consolidations") or []:
-        print(consolidation_line(c), flush=True)
-    print(f"champion: version {result['champion']}", flush=True)
-
-
 def _watch(args: argparse.Namespace, paths, process_deletions_flow) -> int:
     """``run --watch``: a pass (the flow, which checks the state first) whenever the ledger
-    holds pending batches, else a wait of ``--watch`` seconds. Each pass reloads params.yaml.
+    holds pending batches, else a wait of ``--watch`` seconds, cut short when a one-shot
+    ``unlearn run`` wakes it (``tasks.watcher``: that command then prints this pass's result,
+    which every pass appends to the pass log). Each pass reloads params.yaml.
 
     It ends after ``--stop-after`` passes; on SIGTERM, at once while it waits (exit 0) and,
     during a flow run, the way Prefect stops one (the run ends where it is, its unfinished
@@ -332,41 +420,63 @@ def _watch(args: argparse.Namespace, paths, process_deletions_flow) -> int:
 
     from prefect.exceptions import TerminationSignal
 
+    from tasks.watcher import WAKE_POLL_S, record_pass, watching, woken
+
     stop = threading.Event()
+
+    def pause(seconds: float) -> None:
+        """Wait ``seconds``, or less: until SIGTERM or a one-shot run's wake."""
+        end = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < end and not woken(paths):
+            stop.wait(min(WAKE_POLL_S, max(end - time.monotonic(), 0)))
+
+    def failed(reason: str) -> str:
+        record_pass(paths, {"status": "failed", "reason": reason})  # for a waiting run
+        return reason
+
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    say(f"watching for pending batches every {args.watch:g} s (state: {paths.home}); "
-        "Ctrl-C or SIGTERM stops")
     passes = 0
     try:
-        while not stop.is_set() and passes < (args.stop_after or float("inf")):
-            if not _has_pending(paths):
-                stop.wait(args.watch)
-                continue
-            start = time.perf_counter()
-            say("pass: pending batches found")
-            # params.yaml re-read and checked; the records are checked by the flow, under the
-            # pipeline lock (a damaged state is its one-line answer), not twice per pass
-            paths, _ = context()
-            if stop.is_set():
-                break
-            try:
-                result = run_flow(process_deletions_flow, home=str(paths.home))
-            except TerminationSignal:
-                say("unlearn run: stopped by SIGTERM during a flow run (nothing half-applied: "
-                    "unfinished batches stay pending)")
-                return 128 + signal.SIGTERM
-            result["seconds"] = time.perf_counter() - start
-            if result.get("busy"):
-                say(f"skipped a pass: {result['reason']}")
-                stop.wait(args.watch)
-                continue
-            if result.get("status") != "ok":
-                raise Failure(result.get("reason", "failed"))
-            passes += 1
-            if args.json:
-                print(json.dumps(result, default=str), flush=True)
-            else:
-                _print_run(result)
+        with watching(paths):
+            say(f"watching for pending batches every {args.watch:g} s (state: {paths.home}); "
+                "Ctrl-C or SIGTERM stops")
+            while not stop.is_set() and passes < (args.stop_after or float("inf")):
+                if not _has_pending(paths):
+                    pause(args.watch)
+                    continue
+                start = time.perf_counter()
+                say("pass: pending batches found")
+                # params.yaml re-read and checked; the records are checked by the flow, under
+                # the pipeline lock (a damaged state is its one-line answer), not twice a pass
+                try:
+                    paths, _ = context()
+                except (UsageError, Failure) as e:
+                    failed(str(e))
+                    raise
+                if stop.is_set():
+                    break
+                try:
+                    result = run_flow(process_deletions_flow, home=str(paths.home))
+                except TerminationSignal:
+                    say("unlearn run: stopped by SIGTERM during a flow run (nothing "
+                        "half-applied: unfinished batches stay pending)")
+                    return 128 + signal.SIGTERM
+                except (UsageError, Failure) as e:
+                    failed(str(e))
+                    raise
+                result["seconds"] = time.perf_counter() - start
+                if result.get("busy"):
+                    say(f"skipped a pass: {result['reason']}")
+                    pause(args.watch)
+                    continue
+                if result.get("status") != "ok":
+                    raise Failure(failed(result.get("reason", "failed")))
+                record_pass(paths, result)
+                passes += 1
+                if args.json:
+                    print(json.dumps(result, default=str), flush=True)
+                else:
+                    _print_run(result)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
@@ -391,6 +501,10 @@ def consolidation_line(c: dict[str, Any]) -> str:
 
 def _batch_line(b: dict[str, Any]) -> str:
     attempts = b.get("attempts") or []
+    if b.get("from_ledger"):  # released by another command: what the ledger keeps
+        return (f"{b['batch_id']}: {b['state']}"
+                + (f" -> version {b['version']}" if b.get("version") else "")
+                + (f": {b['reason']}" if b.get("reason") else "") + " (released by another run)")
     if b["state"] == "done":
         m = b["metrics"]
         failed = [str(a["version"]) for a in attempts if not a["passed"]]

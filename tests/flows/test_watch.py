@@ -12,6 +12,9 @@ Prefect's temporary server, the default set-up):
 - a pass that fails (a pending batch's manifest is gone) ends the watcher with that one line
   (exit 1) instead of failing again every few seconds, and loses nothing: with the manifest
   back, the batch is released;
+- a one-shot ``unlearn run`` beside a watcher wakes it and answers with its pass (the
+  batch released once, by the watcher); a pass that fails fails that command with the
+  pass's line, and a watcher killed mid-pass leaves the batch pending for the next run;
 - bad options are refused on one line (exit 2) before anything starts.
 """
 
@@ -42,19 +45,31 @@ def home(tmp_path_factory, prefect_server, write_params):
     return pretrained_home(tmp_path_factory.mktemp("watch"), write_params, first_id=300)
 
 
+UNLEARN = shutil.which("unlearn", path=os.path.dirname(sys.executable))
+
+
+def unlearn_env(home: Home) -> dict[str, str]:
+    return {**os.environ, "UNLEARN_HOME": str(home.paths.home),
+            "PREFECT_API_URL": home.api_url, "OMP_NUM_THREADS": "1"}
+
+
+def one_shot_run(home: Home, *args: str) -> subprocess.Popen:
+    """``unlearn run ARGS`` in its own process, as an operator types it beside a watcher."""
+    return subprocess.Popen([UNLEARN, "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=unlearn_env(home))
+
+
 class Watcher:
     """``unlearn run --watch 1 ARGS`` in its own process; its stdout and stderr lines are
     read as they come (a full pipe never stops it)."""
 
     def __init__(self, home: Home, *args: str, temporary_server: bool = False,
-                 **extra_env: str) -> None:
-        exe = shutil.which("unlearn", path=os.path.dirname(sys.executable))
-        env = {**os.environ, "UNLEARN_HOME": str(home.paths.home),
-               "PREFECT_API_URL": home.api_url, "OMP_NUM_THREADS": "1", **extra_env}
+                 every: int = 1, **extra_env: str) -> None:
+        env = {**unlearn_env(home), **extra_env}
         if temporary_server:  # as on a fresh machine: Prefect's temporary server, in here
             env.pop("PREFECT_API_URL")
             env["PREFECT_HOME"] = str(home.paths.home / ".prefect-watch")
-        self.proc = subprocess.Popen([exe, "run", "--watch", "1", *args],
+        self.proc = subprocess.Popen([UNLEARN, "run", "--watch", str(every), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env)
         self.out: queue.Queue[str] = queue.Queue()
@@ -210,6 +225,91 @@ def test_a_failed_pass_ends_the_watch_and_loses_nothing(home, monkeypatch):
     with Ledger(home.paths.ledger) as ledger:
         assert [b.batch_id for b in ledger.batches("pending")] == [batch_id]
     manifest.write_bytes(kept)
+    rc, result = cli_json("run")
+    assert rc == 0 and [(b["batch_id"], b["state"]) for b in result["batches"]] == \
+        [(batch_id, "done")]
+
+
+def test_a_one_shot_run_hands_its_batches_to_the_watcher(home, monkeypatch):
+    """Beside a watcher that would look again only in an hour, ``unlearn run`` wakes it and
+    answers with its pass: the batch is released once, by the watcher."""
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    watcher = Watcher(home, "--json", "--stop-after", "1", every=3600)
+    try:
+        watcher.said_line("watching for pending batches every 3600 s")
+        rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
+        assert rc == 0, err
+        batch_id = out.split(":")[0]
+        run = one_shot_run(home, "--json")
+        out, err = run.communicate(timeout=WAIT)
+        passed = watcher.next_pass(timeout=60)
+        assert watcher.wait() == 0  # --stop-after 1: the pass was the watcher's
+    finally:
+        watcher.stop()
+    assert run.returncode == 0, err
+    assert f"handing 1 pending batch(es) to the watcher of {home.paths.home}" in err
+    result = json.loads(out)
+    assert result["watcher"] is True
+    assert [(b["batch_id"], b["state"]) for b in result["batches"]] == [(batch_id, "done")]
+    assert result["batches"] == passed["batches"]
+    assert result["champion"] == passed["champion"] == champion(home)
+
+
+def test_a_pass_that_fails_fails_the_run_that_handed_it_over(home, monkeypatch):
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    watcher = Watcher(home, every=3600)
+    try:
+        watcher.said_line("watching for pending batches")
+        rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
+        assert rc == 0, err
+        batch_id = out.split(":")[0]
+        manifest = home.paths.manifest(batch_id)
+        kept = manifest.read_bytes()
+        manifest.unlink()  # a pending batch's input is gone
+        run = one_shot_run(home)
+        out, err = run.communicate(timeout=WAIT)
+        assert watcher.wait(timeout=WAIT) == 1
+    finally:
+        watcher.stop()
+    assert run.returncode == 1 and out == ""
+    failure = err.strip().splitlines()[-1]
+    assert failure.startswith("unlearn run: failed: the watcher's pass failed: ") \
+        and batch_id in failure, err
+    with Ledger(home.paths.ledger) as ledger:
+        assert [b.batch_id for b in ledger.batches("pending")] == [batch_id]
+    manifest.write_bytes(kept)
+    rc, result = cli_json("run")  # no watcher now: the command runs the flow itself
+    assert rc == 0 and "watcher" not in result
+    assert [(b["batch_id"], b["state"]) for b in result["batches"]] == [(batch_id, "done")]
+
+
+def test_a_watcher_killed_mid_pass_leaves_the_batch_pending(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    gate = tmp_path / "gate"  # the watcher's flow run waits at the point while this exists
+    gate.write_text("")
+    watcher = Watcher(home, every=3600, UNLEARN_FAULT="after:lock=wait",
+                      UNLEARN_FAULT_GATE=str(gate))
+    try:
+        watcher.said_line("watching for pending batches")
+        rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
+        assert rc == 0, err
+        batch_id = out.split(":")[0]
+        run = one_shot_run(home)
+        deadline = time.monotonic() + WAIT
+        while not gate.with_name("gate.reached").exists():  # woken: its pass holds the lock
+            assert time.monotonic() < deadline and watcher.proc.poll() is None, watcher.said
+            time.sleep(0.2)
+        watcher.proc.kill()
+        watcher.wait()
+        out, err = run.communicate(timeout=60)
+    finally:
+        watcher.stop()
+    assert run.returncode == 1
+    assert err.strip().splitlines()[-1] == (
+        f"unlearn run: failed: the watcher stopped before releasing {batch_id}: it stays "
+        "pending; run `unlearn run` again")
+    with Ledger(home.paths.ledger) as ledger:
+        assert [b.batch_id for b in ledger.batches("pending")] == [batch_id]
     rc, result = cli_json("run")
     assert rc == 0 and [(b["batch_id"], b["state"]) for b in result["batches"]] == \
         [(batch_id, "done")]
