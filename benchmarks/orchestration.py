@@ -12,15 +12,18 @@ runs the real CLI as an operator would: ``unlearn pretrain``, then two ways of r
 - watching: one ``unlearn run --watch 1 --json`` process for all of them, and per batch an
   ``unlearn submit``; each pass (the flow run, timed inside the process) splits the same
   way. The watcher's start (imports, Prefect's server) is paid once and reported on its own;
+- handed to a watcher: one ``unlearn run --watch 3600`` process, and per batch an ``unlearn
+  submit`` and a one-shot ``unlearn run --json``, which wakes the watcher and answers with its
+  pass (``tasks.watcher``); the run's wall time splits as the one-shot's does;
 - one-shot against a lasting Prefect server: ``prefect server start`` in the state folder
   (started once, before the first batch) and ``PREFECT_API_URL`` pointing at it, then the
   one-shot commands again: what a running server saves a fresh process.
 
-Then, with ``3 * --batches + 1`` releases registered, it times ``--help``, ``releases``,
+Then, with ``4 * --batches + 1`` releases registered, it times ``--help``, ``releases``,
 ``requests`` and ``audit REQUEST`` ``--repeat`` times each (median and max): the commands
 an operator types and waits for.
 
-    python benchmarks/orchestration.py                     # about 12 min on 2 cores
+    python benchmarks/orchestration.py                     # about 19 min on 2 cores
     python benchmarks/orchestration.py --batches 9 --k 8 --out benchmarks/results/orchestration.json
 
 Writes the rows as JSON (``--out``), a Markdown table next to it (``.md``) and the headline
@@ -49,8 +52,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 UNLEARN = [sys.executable, "-m", "flows"]
 LISTINGS = (("--help",), ("releases",), ("requests",))
-ID_SPACING = 6
-MAX_ROWS = 230  # distinct instance ids, 3 + ID_SPACING * (MAX_ROWS - 1) < 1,437
+MODES = 4
+ID_SPACING = 4
+MAX_ROWS = 358  # distinct instance ids, 3 + ID_SPACING * (MAX_ROWS - 1) < 1,437
 
 
 def unlearn_env(home: Path, api_url: str | None = None) -> dict[str, str]:
@@ -114,26 +118,31 @@ def one_shot(home: Path, batches: range, k: int, api_url: str | None = None) -> 
     return runs
 
 
+def start_watcher(home: Path, every: int, passes: int) -> tuple[subprocess.Popen, float]:
+    """``unlearn run --watch EVERY --json --stop-after PASSES``, once it says it watches: (the
+    process, seconds until then). Its stderr is read from then on as it comes, so a full
+    pipe never stops it; its stdout is the caller's."""
+    start = time.perf_counter()
+    watcher = subprocess.Popen(
+        [*UNLEARN, "run", "--watch", str(every), "--json", "--stop-after", str(passes)],
+        cwd=home, env=unlearn_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    assert watcher.stderr is not None
+    for line in watcher.stderr:  # "watching for pending batches ..." once it is ready
+        if line.startswith("watching for pending batches"):
+            threading.Thread(target=watcher.stderr.read, daemon=True).start()
+            return watcher, time.perf_counter() - start
+    code = watcher.wait()
+    raise SystemExit(f"unlearn run --watch exited {code} before watching")
+
+
 def watching(home: Path, batches: range, k: int, timeout: float = 1800) -> tuple[float, list[dict]]:
     """One ``unlearn run --watch 1 --json`` for every batch; each batch is submitted once the
     watcher has reported the one before. Returns (seconds until the watcher was ready to
     take the first batch, the passes)."""
-    start = time.perf_counter()
-    watcher = subprocess.Popen(
-        [*UNLEARN, "run", "--watch", "1", "--json", "--stop-after", str(len(batches))],
-        cwd=home, env=unlearn_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+    watcher, ready = start_watcher(home, 1, len(batches))
     try:
-        assert watcher.stderr is not None and watcher.stdout is not None
-        ready = None
-        for line in watcher.stderr:  # "watching for pending batches ..." once it is ready
-            if line.startswith("watching for pending batches"):
-                ready = time.perf_counter() - start
-                break
-        if ready is None:
-            raise SystemExit(f"unlearn run --watch exited {watcher.wait()} before watching")
-        # the rest of its stderr is read as it comes, so a full pipe never stops the watcher
-        threading.Thread(target=watcher.stderr.read, daemon=True).start()
+        assert watcher.stdout is not None
         runs = []
         for b in batches:
             submit(home, b, k)
@@ -149,6 +158,30 @@ def watching(home: Path, batches: range, k: int, timeout: float = 1800) -> tuple
             watcher.kill()
             watcher.wait()
     return ready, runs
+
+
+def handed_to_watcher(home: Path, batches: range, k: int) -> list[dict]:
+    """``unlearn submit`` + ``unlearn run --json`` per batch, one process per command, beside
+    one ``unlearn run --watch 3600`` that only a run's wake makes look before the hour."""
+    watcher, _ = start_watcher(home, 3600, len(batches))
+    try:
+        assert watcher.stdout is not None
+        threading.Thread(target=watcher.stdout.read, daemon=True).start()  # never a full pipe
+        runs = []
+        for b in batches:
+            submit(home, b, k)
+            run_s, out = command(home, "run", "--json")
+            result = json.loads(out)
+            if not result.get("watcher"):
+                raise SystemExit(f"batch {b}: the run did not hand its batch to the watcher")
+            runs.append(split(b, k, run_s, released(result["batches"], b)))
+        if watcher.wait(timeout=120) != 0:
+            raise SystemExit(f"unlearn run --watch exited {watcher.returncode}")
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    return runs
 
 
 def free_port() -> int:
@@ -196,9 +229,9 @@ def main() -> None:
     ap.add_argument("--metrics", type=Path, help="also write the headline numbers here")
     args = ap.parse_args()
     if not (1 <= args.batches <= 50 and 1 <= args.k <= 64 and 1 <= args.repeat <= 50
-            and 3 * args.batches * args.k <= MAX_ROWS):
-        ap.error(f"--batches 1..50, --k 1..64, --repeat 1..50, and 3 * batches * k <= "
-                 f"{MAX_ROWS} (distinct digits training rows for the three modes)")
+            and MODES * args.batches * args.k <= MAX_ROWS):
+        ap.error(f"--batches 1..50, --k 1..64, --repeat 1..50, and {MODES} * batches * k <= "
+                 f"{MAX_ROWS} (distinct digits training rows for the {MODES} modes)")
 
     home = Path(tempfile.mkdtemp(prefix="orchestration-"))
     try:
@@ -210,9 +243,11 @@ def main() -> None:
         runs = one_shot(home, range(args.batches), args.k)
         watch_ready_s, watch_runs = watching(home, range(args.batches, 2 * args.batches),
                                              args.k)
+        handed_runs = handed_to_watcher(home, range(2 * args.batches, 3 * args.batches),
+                                        args.k)
         server, api_url, server_ready_s = lasting_server(home)
         try:
-            served_runs = one_shot(home, range(2 * args.batches, 3 * args.batches), args.k,
+            served_runs = one_shot(home, range(3 * args.batches, 4 * args.batches), args.k,
                                    api_url)
         finally:
             server.terminate()
@@ -239,6 +274,11 @@ def main() -> None:
                   "median_unlearn_s": statistics.median(r["unlearn_s"] for r in watch_runs),
                   "median_rest_share": statistics.median(r["rest_share"]
                                                          for r in watch_runs)},
+        "handed": {
+            "runs": handed_runs,
+            "median_run_s": statistics.median(r["run_s"] for r in handed_runs),
+            "median_unlearn_s": statistics.median(r["unlearn_s"] for r in handed_runs),
+            "median_rest_share": statistics.median(r["rest_share"] for r in handed_runs)},
         "lasting_server": {
             "ready_s": server_ready_s, "runs": served_runs,
             "median_run_s": statistics.median(r["run_s"] for r in served_runs),
@@ -261,6 +301,9 @@ def main() -> None:
             "watch_unlearn_median_s": round(watch["median_unlearn_s"], 2),
             "watch_rest_share_median": round(watch["median_rest_share"], 3),
             "watch_ready_s": round(watch_ready_s, 2),
+            "handed_run_median_s": round(result["handed"]["median_run_s"], 2),
+            "handed_unlearn_median_s": round(result["handed"]["median_unlearn_s"], 2),
+            "handed_rest_share_median": round(result["handed"]["median_rest_share"], 3),
             "server_run_median_s": round(result["lasting_server"]["median_run_s"], 2),
             "server_rest_share_median": round(result["lasting_server"]["median_rest_share"],
                                               3),
@@ -272,19 +315,22 @@ def main() -> None:
 
 
 def render(r: dict) -> str:
-    w, ls = r["watch"], r["lasting_server"]
+    w, h, ls = r["watch"], r["handed"], r["lasting_server"]
     lines = [f"# Orchestration: one k = {r['k']} batch at a time on {r['dataset']}", "",
              (f"{r['batches']} batches released one-shot (`unlearn run`, one process per "
-              f"command), then {len(w['runs'])} by one `unlearn run --watch`, both on "
-              f"Prefect's temporary local server, then {len(ls['runs'])} one-shot against a "
-              f"lasting `prefect server start`; {r['machine']['cpus']} CPUs. `unlearn` = the "
+              f"command), then {len(w['runs'])} by one `unlearn run --watch`, then "
+              f"{len(h['runs'])} one-shot beside a watcher (each `unlearn run` hands its "
+              "batch over), all on Prefect's temporary local server, then "
+              f"{len(ls['runs'])} one-shot against a lasting `prefect server start`; {r['machine']['cpus']} CPUs. `unlearn` = the "
               "project's CLI."), "",
              ("Everything else = the process around the flow (one-shot: interpreter, imports, "
-              "Prefect's server, the state check; watching: the flow run's start and end) + "
+              "Prefect's server, the state check; watching: the flow run's start and end; "
+              "handed over: the command, the wake and the flow run's start and end) + "
               "the batch's other steps in the flow (the state check, validation, evaluation, "
               "gates, registration, DVC)."), ""]
     for title, runs in (("One-shot `unlearn run`", r["runs"]),
                         ("`unlearn run --watch`, one pass per batch", w["runs"]),
+                        ("One-shot `unlearn run` handed to a watcher", h["runs"]),
                         ("One-shot `unlearn run` against a lasting Prefect server",
                          ls["runs"])):
         lines += [f"## {title}", "",
@@ -303,6 +349,9 @@ def render(r: dict) -> str:
                f"{w['median_unlearn_s']:.1f} s; everything else "
                f"{100 * w['median_rest_share']:.0f}%. The watcher was ready after "
                f"{w['ready_s']:.1f} s (once)."), "",
+              (f"Handed to a watcher: median `run` {h['median_run_s']:.1f} s, of which "
+               f"unlearning {h['median_unlearn_s']:.1f} s; everything else "
+               f"{100 * h['median_rest_share']:.0f}%."), "",
               (f"One-shot against a lasting Prefect server: median `run` "
                f"{ls['median_run_s']:.1f} s, of which unlearning {ls['median_unlearn_s']:.1f} "
                f"s; everything else {100 * ls['median_rest_share']:.0f}%. The server answered "

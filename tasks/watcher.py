@@ -9,9 +9,8 @@ so that the one-shot command hands its batches to the watcher instead of loading
   after its ``--watch`` interval.
 - ``artifacts/watcher-passes.jsonl``: one JSON line per pass, the result ``run --json``
   prints, appended under ``watcher-passes.lock``; the one-shot run reads the lines written
-  after it started. The file is cut to its newest lines when it grows past
-  ``PASSES_MAX_BYTES``; a reader that finds it shorter than before reads it again from the
-  start.
+  after it started. The file is replaced by its newest lines when it grows past
+  ``PASSES_MAX_BYTES``; a reader that finds another file there reads it from the start.
 
 Nothing here imports torch or the orchestration stack: the one-shot run that hands its
 batches over answers in the time of the watcher's pass.
@@ -28,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .locks import file_lock
+from .locks import file_lock, lock_is_held
 
 WAKE_POLL_S = 0.1  # how often a waiting watcher looks for the wake file
 PASSES_MAX_BYTES = 4 << 20  # the pass log is cut to its newest quarter past this size
@@ -62,17 +61,8 @@ def watching(paths) -> Iterator[None]:
 
 def watcher_running(paths) -> bool:
     """True while some process on this host (or one sharing this folder with working locks)
-    holds ``watching``. Probes with an exclusive lock taken and dropped at once."""
-    path = _lock_file(paths)
-    if not path.is_file():
-        return False
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    holds ``watching``."""
+    return lock_is_held(_lock_file(paths))
 
 
 def wake(paths) -> None:
@@ -109,19 +99,22 @@ class PassLog:
 
     def __init__(self, paths) -> None:
         self.path = passes_file(paths)
-        self.offset = self._size()
+        self.file, self.offset = self._where()
         self._partial = b""
 
-    def _size(self) -> int:
+    def _where(self) -> tuple[int | None, int]:
+        """(the file's inode, its size); (None, 0) while there is none."""
         try:
-            return self.path.stat().st_size
+            st = self.path.stat()
         except FileNotFoundError:
-            return 0
+            return None, 0
+        return st.st_ino, st.st_size
 
     def new_passes(self) -> list[dict[str, Any]]:
         """The whole lines written since the last call (all of them again, after a cut)."""
-        if self._size() < self.offset:  # cut (or removed): read what is left from the start
-            self.offset, self._partial = 0, b""
+        file, size = self._where()
+        if file != self.file or size < self.offset:  # cut: a new file, read from its start
+            self.file, self.offset, self._partial = file, 0, b""
         with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
             f.seek(self.offset)
             data = f.read()

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 from flow_helpers import Home, cli, cli_json, pretrained_home
 
+from tasks.locks import lock_is_held
 from tasks.paths import Paths
 
 pytestmark = pytest.mark.flow
@@ -54,16 +54,6 @@ def start(home: Home, *args: str, **extra_env: str) -> subprocess.Popen:
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
-
-
-def lock_is_held(path: Path) -> bool:
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -29,12 +29,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 from flow_helpers import Home, cli, cli_json, pretrained_home
 
 from tasks.ledger import Ledger
 from tasks.locks import pipeline_lock
+from tasks.watcher import PassLog, record_pass
 
 pytestmark = pytest.mark.flow
 WAIT = 300  # seconds for one pass on 2 shared cores, generously
@@ -101,6 +103,13 @@ class Watcher:
             raise AssertionError(f"no pass in {timeout} s (exit {self.proc.poll()}): "
                                  f"{self.said[-3:]}") from None
 
+    def reaches(self, gate, timeout: float = WAIT) -> None:
+        """Waits until the watcher waits at its fault point (``gate``.reached exists)."""
+        deadline = time.monotonic() + timeout
+        while not gate.with_name("gate.reached").exists():
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.said
+            time.sleep(0.2)
+
     def wait(self, timeout: float = 60) -> int:
         return self.proc.wait(timeout=timeout)
 
@@ -108,6 +117,13 @@ class Watcher:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def submit(home: Home) -> str:
+    """``unlearn submit`` of two new rows; the batch id."""
+    rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
+    assert rc == 0, err
+    return out.split(":")[0]
 
 
 def champion(home: Home) -> int:
@@ -182,13 +198,8 @@ def test_sigterm_during_a_flow_run_leaves_the_batch_pending(home, monkeypatch, t
     watcher = Watcher(home, UNLEARN_FAULT="after:lock=wait", UNLEARN_FAULT_GATE=str(gate))
     try:
         watcher.said_line("watching for pending batches")
-        rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
-        assert rc == 0, err
-        batch_id = out.split(":")[0]
-        deadline = time.monotonic() + WAIT
-        while not gate.with_name("gate.reached").exists():  # the flow run holds the lock
-            assert time.monotonic() < deadline and watcher.proc.poll() is None, watcher.said
-            time.sleep(0.2)
+        batch_id = submit(home)
+        watcher.reaches(gate)  # the flow run holds the lock
         watcher.proc.send_signal(signal.SIGTERM)
         assert watcher.wait(timeout=120) == 143
         stopped = watcher.said_line("unlearn run: stopped by SIGTERM during a flow run")
@@ -209,9 +220,7 @@ def test_a_failed_pass_ends_the_watch_and_loses_nothing(home, monkeypatch):
         watcher.said_line("watching for pending batches")
         with pipeline_lock(home.paths) as got:  # no pass gets through while the input goes
             assert got
-            rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
-            assert rc == 0, err
-            batch_id = out.split(":")[0]
+            batch_id = submit(home)
             manifest = home.paths.manifest(batch_id)
             kept = manifest.read_bytes()
             manifest.unlink()  # a pending batch's input is gone
@@ -237,9 +246,7 @@ def test_a_one_shot_run_hands_its_batches_to_the_watcher(home, monkeypatch):
     watcher = Watcher(home, "--json", "--stop-after", "1", every=3600)
     try:
         watcher.said_line("watching for pending batches every 3600 s")
-        rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
-        assert rc == 0, err
-        batch_id = out.split(":")[0]
+        batch_id = submit(home)
         run = one_shot_run(home, "--json")
         out, err = run.communicate(timeout=WAIT)
         passed = watcher.next_pass(timeout=60)
@@ -260,9 +267,7 @@ def test_a_pass_that_fails_fails_the_run_that_handed_it_over(home, monkeypatch):
     watcher = Watcher(home, every=3600)
     try:
         watcher.said_line("watching for pending batches")
-        rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
-        assert rc == 0, err
-        batch_id = out.split(":")[0]
+        batch_id = submit(home)
         manifest = home.paths.manifest(batch_id)
         kept = manifest.read_bytes()
         manifest.unlink()  # a pending batch's input is gone
@@ -291,17 +296,12 @@ def test_a_watcher_killed_mid_pass_leaves_the_batch_pending(home, monkeypatch, t
                       UNLEARN_FAULT_GATE=str(gate))
     try:
         watcher.said_line("watching for pending batches")
-        rc, out, err = cli("submit", str(home.manifest(2, tag="w")))
-        assert rc == 0, err
-        batch_id = out.split(":")[0]
+        batch_id = submit(home)
         run = one_shot_run(home)
-        deadline = time.monotonic() + WAIT
-        while not gate.with_name("gate.reached").exists():  # woken: its pass holds the lock
-            assert time.monotonic() < deadline and watcher.proc.poll() is None, watcher.said
-            time.sleep(0.2)
+        watcher.reaches(gate)  # woken: its pass holds the lock
         watcher.proc.kill()
         watcher.wait()
-        out, err = run.communicate(timeout=60)
+        _, err = run.communicate(timeout=60)
     finally:
         watcher.stop()
     assert run.returncode == 1
@@ -313,6 +313,30 @@ def test_a_watcher_killed_mid_pass_leaves_the_batch_pending(home, monkeypatch, t
     rc, result = cli_json("run")
     assert rc == 0 and [(b["batch_id"], b["state"]) for b in result["batches"]] == \
         [(batch_id, "done")]
+
+
+def test_the_pass_log_gives_whole_new_lines_and_is_read_again_after_a_cut(tmp_path,
+                                                                         monkeypatch):
+    """What a handing-over run reads: only the passes after it started, never half a line,
+    and, after the log was cut to its newest lines, what is left of it."""
+    paths = types.SimpleNamespace(artifacts=tmp_path)
+    record_pass(paths, {"status": "ok", "n": 0})
+    log = PassLog(paths)
+    assert log.new_passes() == []
+    record_pass(paths, {"status": "ok", "n": 1})
+    with open(tmp_path / "watcher-passes.jsonl", "a") as f:
+        f.write('{"status": "ok", "n": ')  # a line being written
+    assert [p["n"] for p in log.new_passes()] == [1]
+    with open(tmp_path / "watcher-passes.jsonl", "a") as f:
+        f.write('2, "pid": 1}\n')
+    assert [p["n"] for p in log.new_passes()] == [2]
+    monkeypatch.setattr("tasks.watcher.PASSES_MAX_BYTES", 400)
+    for n in range(3, 12):
+        record_pass(paths, {"status": "ok", "n": n, "pad": "x" * 20})
+    assert (tmp_path / "watcher-passes.jsonl").stat().st_size <= 400
+    kept = [json.loads(line)["n"] for line in
+            (tmp_path / "watcher-passes.jsonl").read_text().splitlines()]
+    assert kept == list(range(12 - len(kept), 12)) and [p["n"] for p in log.new_passes()] == kept
 
 
 @pytest.mark.parametrize("args, says", [
