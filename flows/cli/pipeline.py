@@ -105,7 +105,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "so the stack is loaded and Prefect started once, not for every batch. "
                     "Ctrl-C or SIGTERM stops it: at once while it waits (exit 0); during a "
                     "flow run, that run ends where it is and its unfinished batches stay "
-                    "pending for the next run (exit 143 for SIGTERM, 130 for Ctrl-C).")
+                    "pending for the next run (exit 143 for SIGTERM, 130 for Ctrl-C). "
+                    "Without --watch, while a watcher watches the same state, the command "
+                    "wakes it and prints its pass instead of loading the stack itself.")
     p.add_argument("--json", action="store_true",
                    help="print the result as JSON (with --watch: one line per pass)")
     p.add_argument("--watch", type=watch_seconds, metavar="SECONDS",
