@@ -30,6 +30,8 @@ from ``after:start_run`` on, for the one version it registers):
                              ledger yet (every command that checks the records passes it)
 ``before:list_pending``      ``unlearn run`` has checked the records and has not listed the
                              pending batches yet
+``after:watch_pass``         ``unlearn run --watch`` finished a pass; its line is not in the
+                             pass log yet (``tasks.watcher``)
 """
 
 from __future__ import annotations

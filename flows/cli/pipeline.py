@@ -324,7 +324,8 @@ def _hand_to_watcher(args: argparse.Namespace) -> int | None:
     heavier than the ledger is imported here. None when no watcher is there.
 
     The wait ends when every batch pending at the start has its pass line, or the ledger says
-    another command released it (then its line comes from the ledger); a pass that fails
+    it was released and no line came (another command released it, or the watcher died
+    before writing its line: the command's line then comes from the ledger); a pass that fails
     fails this command with its line, and a watcher that ends before its batches are done
     leaves them pending, as a killed run does."""
     from tasks.watcher import watcher_running
@@ -422,6 +423,7 @@ def _watch(args: argparse.Namespace, paths, process_deletions_flow) -> int:
 
     from prefect.exceptions import TerminationSignal
 
+    from tasks.faults import fault
     from tasks.watcher import WAKE_POLL_S, record_pass, watching, woken
 
     stop = threading.Event()
@@ -473,6 +475,7 @@ def _watch(args: argparse.Namespace, paths, process_deletions_flow) -> int:
                     continue
                 if result.get("status") != "ok":
                     raise Failure(failed(result.get("reason", "failed")))
+                fault("after:watch_pass")
                 record_pass(paths, result)
                 passes += 1
                 if args.json:
@@ -503,10 +506,11 @@ def consolidation_line(c: dict[str, Any]) -> str:
 
 def _batch_line(b: dict[str, Any]) -> str:
     attempts = b.get("attempts") or []
-    if b.get("from_ledger"):  # released by another command: what the ledger keeps
+    if b.get("from_ledger"):  # no pass line for it (another command, or a watcher that died)
         return (f"{b['batch_id']}: {b['state']}"
                 + (f" -> version {b['version']}" if b.get("version") else "")
-                + (f": {b['reason']}" if b.get("reason") else "") + " (released by another run)")
+                + (f": {b['reason']}" if b.get("reason") else "")
+                + " (as the ledger records it: no pass reported it)")
     if b["state"] == "done":
         m = b["metrics"]
         failed = [str(a["version"]) for a in attempts if not a["passed"]]

@@ -14,7 +14,8 @@ Prefect's temporary server, the default set-up):
   back, the batch is released;
 - a one-shot ``unlearn run`` beside a watcher wakes it and answers with its pass (the
   batch released once, by the watcher); a pass that fails fails that command with the
-  pass's line, and a watcher killed mid-pass leaves the batch pending for the next run;
+  pass's line, a watcher killed mid-pass leaves the batch pending for the next run, and one
+  killed after its release but before its report leaves the ledger's word;
 - bad options are refused on one line (exit 2) before anything starts.
 """
 
@@ -313,6 +314,28 @@ def test_a_watcher_killed_mid_pass_leaves_the_batch_pending(home, monkeypatch, t
     rc, result = cli_json("run")
     assert rc == 0 and [(b["batch_id"], b["state"]) for b in result["batches"]] == \
         [(batch_id, "done")]
+
+
+def test_a_watcher_killed_after_its_release_leaves_the_ledgers_word(home, monkeypatch):
+    """The watcher dies between a pass that released the batch and its line in the pass
+    log: the command that handed the batch over reports the release as the ledger has it."""
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    watcher = Watcher(home, every=3600, UNLEARN_FAULT="after:watch_pass")
+    try:
+        watcher.said_line("watching for pending batches")
+        batch_id = submit(home)
+        run = one_shot_run(home)
+        out, err = run.communicate(timeout=WAIT)
+        assert watcher.wait() == -signal.SIGKILL
+    finally:
+        watcher.stop()
+    with Ledger(home.paths.ledger) as ledger:
+        version = ledger.batch(batch_id).version
+        assert ledger.batch(batch_id).state == "done" and version is not None
+    assert run.returncode == 0, err
+    assert out.splitlines() == [(f"{batch_id}: done -> version {version} (as the ledger "
+                                 "records it: no pass reported it)")]
+    assert champion(home) == version
 
 
 def test_the_pass_log_gives_whole_new_lines_and_is_read_again_after_a_cut(tmp_path,
