@@ -321,8 +321,8 @@ def render(r: dict) -> str:
               f"command), then {len(w['runs'])} by one `unlearn run --watch`, then "
               f"{len(h['runs'])} one-shot beside a watcher (each `unlearn run` hands its "
               "batch over), all on Prefect's temporary local server, then "
-              f"{len(ls['runs'])} one-shot against a lasting `prefect server start`; {r['machine']['cpus']} CPUs. `unlearn` = the "
-              "project's CLI."), "",
+              f"{len(ls['runs'])} one-shot against a lasting `prefect server start`; "
+              f"{r['machine']['cpus']} CPUs. `unlearn` = the project's CLI."), "",
              ("Everything else = the process around the flow (one-shot: interpreter, imports, "
               "Prefect's server, the state check; watching: the flow run's start and end; "
               "handed over: the command, the wake and the flow run's start and end) + "

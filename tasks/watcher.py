@@ -123,6 +123,8 @@ class PassLog:
             out = []
             for line in lines:
                 with contextlib.suppress(ValueError):  # a line cut by a crash mid-write
-                    out.append(json.loads(line))
+                    passed = json.loads(line)
+                    if isinstance(passed, dict):  # (a cut line may still parse)
+                        out.append(passed)
             return out
         return []

@@ -335,18 +335,10 @@ def _hand_to_watcher(args: argparse.Namespace) -> int | None:
         return None
     import time
 
-    from tasks.ledger import Ledger, ledger_present
     from tasks.watcher import PassLog, wake
 
     passes = PassLog(paths)  # before the listing: a pass that ends after it is in the log
-
-    def pending_now() -> dict[str, Any]:
-        if not ledger_present(paths.ledger):
-            return {}
-        with Ledger(paths.ledger) as ledger:
-            return {b.batch_id: b for b in ledger.batches()}
-
-    wanted = [i for i, b in pending_now().items() if b.state == "pending"]
+    wanted = [b.batch_id for b in _ledger_batches(paths, "pending")]
     result: dict[str, Any] = {"status": "ok", "batches": [], "consolidations": [],
                               "champion": None, "watcher": True}
     if not wanted:
@@ -371,7 +363,7 @@ def _hand_to_watcher(args: argparse.Namespace) -> int | None:
                 result["consolidations"] += p.get("consolidations") or []
                 result["champion"] = p.get("champion", result["champion"])
         missing = [i for i in wanted if i not in found]
-        records = pending_now() if missing and look else {}
+        records = {b.batch_id: b for b in _ledger_batches(paths)} if missing and look else {}
         for i in missing:  # released without a line from a watcher: the ledger's word
             if i in records and records[i].state != "pending":
                 settled.setdefault(i, time.monotonic())
@@ -488,12 +480,17 @@ def _watch(args: argparse.Namespace, paths, process_deletions_flow) -> int:
 
 
 def _has_pending(paths) -> bool:
+    return bool(_ledger_batches(paths, "pending"))
+
+
+def _ledger_batches(paths, state: str | None = None) -> list[Any]:
+    """The ledger's batches (in ``state``); none before the ledger exists."""
     from tasks.ledger import Ledger, ledger_present
 
     if not ledger_present(paths.ledger):
-        return False
+        return []
     with Ledger(paths.ledger) as ledger:
-        return bool(ledger.batches("pending"))
+        return ledger.batches(state)
 
 def consolidation_line(c: dict[str, Any]) -> str:
     """One consolidation (``flows.pipeline._consolidate_if_due``) as the run reports it."""
