@@ -9,6 +9,7 @@ ever applied.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -147,6 +148,8 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
             kept, staged = paths.manifest(batch_id), staging_file(paths, batch_id)
             write_manifest(staged, rows)
             summary["manifest_sha256"] = hashlib.sha256(staged.read_bytes()).hexdigest()
+            # what the run's validation will depend on: unchanged, it need not run the suites
+            summary["inputs_sha256"] = revalidation_digest(read_rows(staged), ctx, cfg)
             fault("after:write_manifest")
             try:
                 ledger.add_batch(batch_id, seq, "pending", str(manifest), rows, report=summary)
@@ -176,24 +179,67 @@ def submit_manifest(paths: Paths, cfg: PipelineParams, manifest: Path,
             "warning": warning, "duplicate": False}
 
 
-def revalidate(paths: Paths, cfg: PipelineParams, batch_id: str,
-               image_shape: tuple[int, int, int]) -> dict[str, Any]:
-    """Validate an accepted batch again, against the state it is about to be applied to."""
+def _stored_frame(rows: list[dict[str, Any]]):
+    """An accepted manifest's rows as the run-time validation reads them: the frame (named
+    by key when it was submitted by key) and the ids its keys stood for (None by ids)."""
     import pandas as pd
 
     from .validation import COLUMNS, KEY_COLUMNS
 
-    rows = read_rows(paths.manifest(batch_id))
     by_key = any(r["instance_key"] for r in rows)  # validated by key, as it was submitted
+    columns = KEY_COLUMNS if by_key else COLUMNS
     raw = pd.DataFrame(
-        [{k: None if r[k] is None else str(r[k]) for k in (KEY_COLUMNS if by_key else COLUMNS)}
-         for r in rows], columns=list(KEY_COLUMNS if by_key else COLUMNS)
-    ).astype(object)
+        [{k: None if r[k] is None else str(r[k]) for k in columns} for r in rows],
+        columns=list(columns)).astype(object)
+    return raw, ([r["instance_id"] for r in rows] if by_key else None)
+
+
+def revalidation_digest(rows: list[dict[str, Any]], ctx: ValidationContext,
+                        cfg: PipelineParams) -> str:
+    """SHA-256 of everything the run-time validation of ``rows`` depends on: the rows, the
+    context they are checked against (dataset, champion input, params, the other batches'
+    claims), their images, and the suites' code and Great Expectations' version. Two
+    validations with the same digest give the same answer."""
+    from importlib.metadata import version
+
+    from . import validation
+
+    context = {f.name: sorted(v) if isinstance(v := getattr(ctx, f.name), frozenset) else v
+               for f in dataclasses.fields(ctx) if f.name != "train_keys"}
+    h = hashlib.sha256()
+    h.update(json.dumps({"rows": rows, "context": context,
+                         "keys": sorted(ctx.train_keys.items()),
+                         "great_expectations": version("great_expectations")},
+                        sort_keys=True, default=str).encode())
+    h.update(Path(validation.__file__).read_bytes())
+    images = images_of(cfg)([r["instance_id"] for r in rows])
+    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def revalidate(paths: Paths, cfg: PipelineParams, batch_id: str,
+               image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """Validate an accepted batch again, against the state it is about to be applied to.
+
+    The suites run again unless nothing they depend on changed since the submit:
+    ``revalidation_digest`` equal to the one the submit recorded (its manifest is checked
+    against its recorded hash before any run), then the answer is the submit's."""
+    rows = read_rows(paths.manifest(batch_id))
+    raw, accepted_ids = _stored_frame(rows)
     with Ledger(paths.ledger) as ledger:
         ctx = validation_context(cfg, ledger, image_shape, exclude_batch=batch_id)
-    report = validate_manifest(raw, ctx, images_of(cfg),
-                               accepted_ids=[r["instance_id"] for r in rows] if by_key else None)
+        batch = ledger.batch(batch_id)
+    at_submit = ((batch.report or {}) if batch else {}).get("inputs_sha256")
+    digest = revalidation_digest(rows, ctx, cfg)
+    if digest == at_submit:
+        report = {"success": True, "failures": [], "suites": {}, "rows": len(rows),
+                  "unchanged_since_submit": {"inputs_sha256": digest,
+                                             "report": batch.report.get("report")}}
+    else:
+        report = validate_manifest(raw, ctx, images_of(cfg), accepted_ids=accepted_ids)
+        report["inputs_sha256"] = digest
     report_path = paths.batch_dir(batch_id) / "validation.json"
     _save_report(report_path, batch_id, report)
     return {"success": report["success"], "failures": report["failures"],
-            "summary": describe_failures(report["failures"]), "report": str(report_path)}
+            "summary": describe_failures(report["failures"]), "report": str(report_path),
+            "suites_run": digest != at_submit}

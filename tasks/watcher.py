@@ -29,7 +29,7 @@ from typing import Any
 
 from .locks import file_lock, lock_is_held
 
-WAKE_POLL_S = 0.1  # how often a waiting watcher looks for the wake file
+WAKE_POLL_S = 0.05  # how often a waiting watcher looks for the wake file (a stat)
 PASSES_MAX_BYTES = 4 << 20  # the pass log is cut to its newest quarter past this size
 
 

@@ -328,17 +328,20 @@ def _hand_to_watcher(args: argparse.Namespace) -> int | None:
     before writing its line: the command's line then comes from the ledger); a pass that fails
     fails this command with its line, and a watcher that ends before its batches are done
     leaves them pending, as a killed run does."""
+    from tasks.paths import Paths, find_home
     from tasks.watcher import watcher_running
 
-    paths, _ = context(read_only=True)
+    # params.yaml is not loaded here: the watcher reloads and checks it every pass, and a
+    # pass that refuses it fails this command with its line
+    paths = Paths(find_home())
     if not watcher_running(paths):
         return None
     import time
 
-    from tasks.watcher import PassLog, wake
+    from tasks.watcher import WAKE_POLL_S, PassLog, wake
 
     passes = PassLog(paths)  # before the listing: a pass that ends after it is in the log
-    wanted = [b.batch_id for b in _ledger_batches(paths, "pending")]
+    wanted = [b.batch_id for b in _ledger_batches(paths, "pending")]  # a LedgerError: one line
     result: dict[str, Any] = {"status": "ok", "batches": [], "consolidations": [],
                               "champion": None, "watcher": True}
     if not wanted:
@@ -379,7 +382,7 @@ def _hand_to_watcher(args: argparse.Namespace) -> int | None:
                           f"{'it stays' if len(still) == 1 else 'they stay'} pending; run "
                           "`unlearn run` again")
         alive = watcher_running(paths)  # one more look at the log after it ended
-        time.sleep(0.1)
+        time.sleep(WAKE_POLL_S)
     result["batches"] = [found[i] for i in wanted]
     return _report_run(args, result)
 

@@ -191,6 +191,34 @@ def submit_and_run(home: Paths, objective: str, ids: range) -> tuple[int, dict]:
     return cli_json("run")
 
 
+def test_run_validates_again_only_what_changed_since_the_submit(home, prefect_server,
+                                                                write_params):
+    """The run's validation reuses the submit's answer only when nothing it depends on
+    changed: a smaller batch size limit since the submit makes the suites run and reject."""
+    assert cli("pretrain", "--epochs", "4")[0] == 0
+    rc, result = submit_and_run(home, "misclassify", range(30, 32))
+    assert rc == 0 and result["batches"][0]["state"] == "done", result
+    done = home.batch_dir(result["batches"][0]["batch_id"]) / "validation.json"
+    first = json.loads(done.read_text())
+    assert first["success"] and first["suites"] == {}
+    assert first["unchanged_since_submit"]["inputs_sha256"]
+
+    manifest = home.home / "later.csv"
+    manifest.write_text("request_id,instance_id,objective,new_label\n"
+                        "later-40,40,misclassify,\nlater-41,41,misclassify,\n")
+    rc, out, err = cli("submit", str(manifest))
+    assert rc == 0, err
+    batch_id = out.split(":")[0]
+    write_params(home.home, validation={"max_batch_size": 1})
+    rc, result = cli_json("run")
+    (batch,) = result["batches"]
+    assert rc == 1 and batch["state"] == "rejected", result
+    assert batch["reason"].startswith("validation: rule batch_size_limit failed"), batch
+    again = json.loads((home.batch_dir(batch_id) / "validation.json").read_text())
+    assert "unchanged_since_submit" not in again and again["suites"]
+    assert again["inputs_sha256"] != first["unchanged_since_submit"]["inputs_sha256"]
+
+
 def test_gate_failure_keeps_the_candidate_for_audit(home, prefect_server, write_params):
     write_params(home.home, unlearn={"params": {"max_steps": 1}})
     assert cli("pretrain", "--epochs", "4")[0] == 0
