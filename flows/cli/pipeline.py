@@ -297,7 +297,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         load_release_stack()
         return _watch(args, paths, process_deletions_flow)
     if _has_pending(paths):
-        load_release_stack()
+        load_release_stack(suites=False)
     say(f"processing pending batches (state: {paths.home})")
     return _report_run(args, run_flow(process_deletions_flow, home=str(paths.home)))
 
