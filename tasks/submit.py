@@ -241,5 +241,4 @@ def revalidate(paths: Paths, cfg: PipelineParams, batch_id: str,
     report_path = paths.batch_dir(batch_id) / "validation.json"
     _save_report(report_path, batch_id, report)
     return {"success": report["success"], "failures": report["failures"],
-            "summary": describe_failures(report["failures"]), "report": str(report_path),
-            "suites_run": digest != at_submit}
+            "summary": describe_failures(report["failures"]), "report": str(report_path)}
