@@ -197,15 +197,22 @@ def _stored_frame(rows: list[dict[str, Any]]):
 def revalidation_digest(rows: list[dict[str, Any]], ctx: ValidationContext,
                         cfg: PipelineParams) -> str:
     """SHA-256 of everything the run-time validation of ``rows`` depends on: the rows, the
-    context they are checked against (dataset, champion input, params, the other batches'
-    claims), their images, and the suites' code and Great Expectations' version. Two
-    validations with the same digest give the same answer."""
+    context they are checked against (dataset, champion input, params, and of the other
+    batches' claims those on this batch's instances and request ids: the rules ask only
+    whether these are claimed, so a later submit of other instances leaves it unchanged),
+    their images, and the suites' code and Great Expectations' version. Two validations
+    with the same digest give the same answer."""
     from importlib.metadata import version
 
     from . import validation
 
-    context = {f.name: sorted(v) if isinstance(v := getattr(ctx, f.name), frozenset) else v
-               for f in dataclasses.fields(ctx) if f.name != "train_keys"}
+    ids = {r["instance_id"] for r in rows}
+    ids |= {ctx.train_keys.get(r["instance_key"]) for r in rows if r["instance_key"]}
+    context = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
+               if f.name != "train_keys"}
+    context["claimed_instances"] = sorted(ctx.claimed_instances & ids)
+    context["claimed_request_ids"] = sorted(
+        ctx.claimed_request_ids & {r["request_id"] for r in rows})
     h = hashlib.sha256()
     h.update(json.dumps({"rows": rows, "context": context,
                          "keys": sorted(ctx.train_keys.items()),

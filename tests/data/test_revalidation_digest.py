@@ -1,5 +1,5 @@
 """The run's validation reuses the submit's answer only on the same digest: every input of
-the suites changes it, and nothing else does."""
+the suites changes it, and claims on other instances do not."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def test_the_same_inputs_give_the_same_digest(cfg, ctx):
 @pytest.mark.parametrize("change", [
     {"max_batch_size": 1},
     {"image_shape": (3, 8, 8)},
-    {"claimed_instances": frozenset({7, 70})},
-    {"claimed_request_ids": frozenset({"old-1", "r1"})},
+    {"claimed_instances": frozenset({7, 70, 700, 9})},  # one of the batch's instances
+    {"claimed_request_ids": frozenset({"old-1", "r1"})},  # one of its request ids
     {"supported_objectives": ("misclassify",)},
     {"train_keys": {"a.png": 5}},
     {"num_classes": 11},
@@ -52,6 +52,14 @@ def test_the_same_inputs_give_the_same_digest(cfg, ctx):
 def test_every_input_of_the_suites_changes_the_digest(cfg, ctx, change):
     assert revalidation_digest(ROWS, dataclasses.replace(ctx, **change), cfg) != \
         revalidation_digest(ROWS, ctx, cfg)
+
+
+def test_claims_on_other_instances_leave_the_digest_unchanged(cfg, ctx):
+    """A batch submitted later claims other instances: the earlier batch's rules answer the
+    same (none of its ids or request ids is claimed), so its run reuses the submit's."""
+    later = dataclasses.replace(ctx, claimed_instances=ctx.claimed_instances | {11, 12},
+                                claimed_request_ids=ctx.claimed_request_ids | {"later-1"})
+    assert revalidation_digest(ROWS, later, cfg) == revalidation_digest(ROWS, ctx, cfg)
 
 
 @pytest.mark.parametrize("row", [

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from flow_helpers import cli, cli_json
+from flow_helpers import cli, cli_json, write_manifest
 
 from tasks.paths import Paths
 
@@ -194,13 +194,18 @@ def submit_and_run(home: Paths, objective: str, ids: range) -> tuple[int, dict]:
 def test_run_validates_again_only_what_changed_since_the_submit(home, prefect_server,
                                                                 write_params):
     """The run's validation reuses the submit's answer only when nothing it depends on
-    changed: a smaller batch size limit since the submit makes the suites run and reject."""
+    changed (two batches queued together: each one's rules answer the same); a smaller
+    batch size limit since the submit makes the suites run and reject."""
     assert cli("pretrain", "--epochs", "4")[0] == 0
+    earlier = write_manifest(home.home / "earlier.csv",
+                             [(f"earlier-{i}", i, "misclassify", None) for i in (28, 29)])
+    assert cli("submit", str(earlier))[0] == 0
     rc, result = submit_and_run(home, "misclassify", range(30, 32))
-    assert rc == 0 and result["batches"][0]["state"] == "done", result
-    done = home.batch_dir(result["batches"][0]["batch_id"]) / "validation.json"
-    first = json.loads(done.read_text())
-    assert first["success"] and first["suites"] == {}
+    assert rc == 0 and [b["state"] for b in result["batches"]] == ["done", "done"], result
+    reports = [json.loads((home.batch_dir(b["batch_id"]) / "validation.json").read_text())
+               for b in result["batches"]]
+    assert all(r["success"] and r["suites"] == {} for r in reports)
+    first = reports[-1]
     assert first["unchanged_since_submit"]["inputs_sha256"]
 
     manifest = home.home / "later.csv"
