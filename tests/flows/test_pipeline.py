@@ -208,10 +208,9 @@ def test_run_validates_again_only_what_changed_since_the_submit(home, prefect_se
     first = reports[-1]
     assert first["unchanged_since_submit"]["inputs_sha256"]
 
-    manifest = home.home / "later.csv"
-    manifest.write_text("request_id,instance_id,objective,new_label\n"
-                        "later-40,40,misclassify,\nlater-41,41,misclassify,\n")
-    rc, out, err = cli("submit", str(manifest))
+    later = write_manifest(home.home / "later.csv",
+                           [(f"later-{i}", i, "misclassify", None) for i in (40, 41)])
+    rc, out, err = cli("submit", str(later))
     assert rc == 0, err
     batch_id = out.split(":")[0]
     write_params(home.home, validation={"max_batch_size": 1})
