@@ -326,13 +326,14 @@ def _hand_to_watcher(args: argparse.Namespace) -> int | None:
     The wait ends when every batch pending at the start has its pass line, or the ledger says
     it was released and no line came (another command released it, or the watcher died
     before writing its line: the command's line then comes from the ledger); a pass that fails
-    fails this command with its line, and a watcher that ends before its batches are done
+    fails this command with its line (exit 2 when the pass refused its input, such as
+    params.yaml, as this command would have without a watcher; else 1), and a watcher that ends before its batches are done
     leaves them pending, as a killed run does."""
     from tasks.paths import Paths, find_home
     from tasks.watcher import watcher_running
 
     # params.yaml is not loaded here: the watcher reloads and checks it every pass, and a
-    # pass that refuses it fails this command with its line
+    # pass that refuses it fails this command with its line (exit 2)
     paths = Paths(find_home())
     if not watcher_running(paths):
         return None
@@ -359,6 +360,8 @@ def _hand_to_watcher(args: argparse.Namespace) -> int | None:
             woke = time.monotonic()
         for p in passes.new_passes():
             if p.get("status") != "ok":
+                if p.get("bad_input"):  # params.yaml refused: bad input, as without a watcher
+                    raise UsageError(f"the watcher's pass refused its input: {p.get('reason')}")
                 raise Failure(f"the watcher's pass failed: {p.get('reason', 'failed')}")
             mine = [b for b in p.get("batches", []) if b.get("batch_id") in wanted]
             found.update((b["batch_id"], b) for b in mine)
@@ -429,8 +432,9 @@ def _watch(args: argparse.Namespace, paths, process_deletions_flow) -> int:
         while not stop.is_set() and time.monotonic() < end and not woken(paths):
             stop.wait(min(WAKE_POLL_S, max(end - time.monotonic(), 0)))
 
-    def failed(reason: str) -> str:
-        record_pass(paths, {"status": "failed", "reason": reason})  # for a waiting run
+    def failed(reason: str, bad_input: bool = False) -> str:
+        # for a waiting run, which exits as this command does: 2 for bad input, else 1
+        record_pass(paths, {"status": "failed", "reason": reason, "bad_input": bad_input})
         return reason
 
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -450,7 +454,7 @@ def _watch(args: argparse.Namespace, paths, process_deletions_flow) -> int:
                 try:
                     paths, _ = context()
                 except (UsageError, Failure) as e:
-                    failed(str(e))
+                    failed(str(e), bad_input=isinstance(e, UsageError))
                     raise
                 if stop.is_set():
                     break
@@ -461,7 +465,7 @@ def _watch(args: argparse.Namespace, paths, process_deletions_flow) -> int:
                         "half-applied: unfinished batches stay pending)")
                     return 128 + signal.SIGTERM
                 except (UsageError, Failure) as e:
-                    failed(str(e))
+                    failed(str(e), bad_input=isinstance(e, UsageError))
                     raise
                 result["seconds"] = time.perf_counter() - start
                 if result.get("busy"):

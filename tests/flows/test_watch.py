@@ -14,7 +14,7 @@ Prefect's temporary server, the default set-up):
   back, the batch is released;
 - a one-shot ``unlearn run`` beside a watcher wakes it and answers with its pass (the
   batch released once, by the watcher); a pass that fails fails that command with the
-  pass's line, a watcher killed mid-pass leaves the batch pending for the next run, and one
+  pass's line (exit 2 for a params.yaml the pass refuses, as without a watcher), a watcher killed mid-pass leaves the batch pending for the next run, and one
   killed after its release but before its report leaves the ledger's word;
 - bad options are refused on one line (exit 2) before anything starts.
 """
@@ -287,6 +287,37 @@ def test_a_pass_that_fails_fails_the_run_that_handed_it_over(home, monkeypatch):
     rc, result = cli_json("run")  # no watcher now: the command runs the flow itself
     assert rc == 0 and "watcher" not in result
     assert [(b["batch_id"], b["state"]) for b in result["batches"]] == [(batch_id, "done")]
+
+
+def test_input_the_pass_refuses_is_bad_input_for_the_run_that_handed_it_over(
+        tmp_path, write_params, monkeypatch):
+    """A params.yaml the watcher's pass refuses fails the handed-over run as it would fail
+    without a watcher: one line naming the file and key, exit 2; nothing is released. (Its
+    own state: the module's state keeps its batches within the release gates.)"""
+    home = pretrained_home(tmp_path, write_params, first_id=900)
+    monkeypatch.setenv("UNLEARN_HOME", str(home.paths.home))
+    params = home.paths.home / "params.yaml"
+    kept = params.read_text()
+    watcher = Watcher(home, every=3600)
+    try:
+        watcher.said_line("watching for pending batches")
+        batch_id = submit(home)
+        params.write_text(kept.replace("max_batch_size:", "max_batch_size: -3 #", 1))
+        run = one_shot_run(home)
+        out, err = run.communicate(timeout=WAIT)
+        assert watcher.wait(timeout=WAIT) == 2
+    finally:
+        watcher.stop()
+        params.write_text(kept)
+    assert run.returncode == 2 and out == "", err
+    refusal = err.strip().splitlines()[-1]
+    assert refusal.startswith("unlearn run: error: the watcher's pass refused its input: ") \
+        and "params.yaml" in refusal and "max_batch_size" in refusal, err
+    with Ledger(home.paths.ledger) as ledger:
+        assert [b.batch_id for b in ledger.batches("pending")] == [batch_id]
+    rc, result = cli_json("run")  # the file mended: the batch goes through
+    assert rc == 0 and [(b["batch_id"], b["state"]) for b in result["batches"]] == \
+        [(batch_id, "done")]
 
 
 def test_a_watcher_killed_mid_pass_leaves_the_batch_pending(home, monkeypatch, tmp_path):
