@@ -327,8 +327,8 @@ def _hand_to_watcher(args: argparse.Namespace) -> int | None:
     it was released and no line came (another command released it, or the watcher died
     before writing its line: the command's line then comes from the ledger); a pass that fails
     fails this command with its line (exit 2 when the pass refused its input, such as
-    params.yaml, as this command would have without a watcher; else 1), and a watcher that ends before its batches are done
-    leaves them pending, as a killed run does."""
+    params.yaml, as this command would have without a watcher; else 1), and a watcher that
+    ends before its batches are done leaves them pending, as a killed run does."""
     from tasks.paths import Paths, find_home
     from tasks.watcher import watcher_running
 

@@ -140,10 +140,10 @@ def load_release_stack(suites: bool = True) -> None:
     """Import what a batch's release steps use (MLflow's PyTorch flavour and torch.export's
     tracer for the registration's pt2 model, DVC for the data tracking and, with ``suites``,
     Great Expectations for a validation whose inputs changed since the submit, scikit-learn
-    for the evaluation, and MLflow's map of the installed packages) before the flow starts: in a fresh process this fills the wait for Prefect's temporary
-    server (the server starts in a process of its own, on the other core), and a long-lived
-    ``run --watch`` pays it once, before the first batch, instead of inside it. A one-shot
-    run leaves Great Expectations out (about 4.6 s): a batch unchanged since its submit reuses
+    for the evaluation, and MLflow's map of the installed packages) before the flow starts:
+    in a fresh process this fills the wait for Prefect's temporary server (the server starts
+    in a process of its own, on the other core), and a long-lived ``run --watch`` pays it
+    once, before the first batch, instead of inside it. A one-shot run leaves Great Expectations out (about 4.6 s): a batch unchanged since its submit reuses
     the submit's answer, and one that changed imports it when its suites run."""
     import contextlib
 

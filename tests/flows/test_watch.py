@@ -14,8 +14,9 @@ Prefect's temporary server, the default set-up):
   back, the batch is released;
 - a one-shot ``unlearn run`` beside a watcher wakes it and answers with its pass (the
   batch released once, by the watcher); a pass that fails fails that command with the
-  pass's line (exit 2 for a params.yaml the pass refuses, as without a watcher), a watcher killed mid-pass leaves the batch pending for the next run, and one
-  killed after its release but before its report leaves the ledger's word;
+  pass's line (exit 2 for a params.yaml the pass refuses, as without a watcher), a watcher
+  killed mid-pass leaves the batch pending for the next run, and one killed after its
+  release but before its report leaves the ledger's word;
 - bad options are refused on one line (exit 2) before anything starts.
 """
 
