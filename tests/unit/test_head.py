@@ -86,7 +86,54 @@ def test_a_model_without_a_head_moves_whole_unless_the_head_is_asked_for(digits_
 
 @pytest.mark.parametrize(("key", "value"), [("update", "tail"), ("retain_update", "conv"),
                                             ("head_updates", 0), ("head_decay", 0.0),
-                                            ("head_decay", 1.5)])
+                                            ("head_decay", 1.5), ("head_noise_scale", 0.0),
+                                            ("head_noise_anchors", -1),
+                                            ("head_noise_spread", 0.5)])
 def test_l2ul_refuses_head_settings_it_cannot_use(key, value):
     with pytest.raises(ValueError, match=key):
         make_config("l2ul", {key: value})
+
+
+@pytest.mark.parametrize("non_negative", [True, False])
+def test_noise_anchors_lie_around_the_forget_inputs_and_keep_the_unchanged_heads_labels(
+        non_negative):
+    """Every draw is new, around each forget row in turn at a radius between half and twice
+    the scale (in each coordinate's spread), non-negative only where the forget inputs are,
+    and labelled by the head as it was when the anchors were made."""
+    from unlearning.methods.l2ul import HeadNoise
+
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    f_forget = torch.rand(5, 4, 2, 2) - (0.0 if non_negative else 0.5)
+    near = HeadNoise(head, f_forget, 500, 0.7, 2.0, torch.Generator().manual_seed(0))
+    unchanged = [p.detach().clone() for p in head.parameters()]
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(1.0)  # the live head moves: the anchors' labels must not
+    f, teacher = near.draw()
+    f_again, _ = near.draw()
+    assert f.shape == (500, 4, 2, 2) and not torch.equal(f, f_again)
+    assert bool((f >= 0).all()) is non_negative
+    original = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p, q in zip(original.parameters(), unchanged):
+            p.copy_(q)
+        assert torch.allclose(teacher, torch.softmax(original(f), 1))
+    if not non_negative:  # radius, per point: RMS of the standardised offset in [0.35, 1.4]
+        z = (f - f_forget.repeat(100, 1, 1, 1)) / f_forget.std(0, keepdim=True)
+        rms = z.flatten(1).pow(2).mean(1).sqrt()
+        assert 0.1 < rms.min() and rms.max() < 2.5 and 0.5 < rms.median() < 1.0
+
+
+def test_noise_anchors_are_drawn_only_when_the_head_alone_moves(digits_model):
+    model, ds = digits_model
+    forget = forget_set_for(ds, "misclassify", 8, seed=0)
+    res = unlearn("l2ul", model, forget, {"max_steps": 2, "update": "head",
+                                          "head_noise_anchors": 96}, seed=0)
+    assert res.info["head_rows_per_update"] == 8 + 8 * (4 + 8) + 256 + 96
+    again = unlearn("l2ul", model, forget, {"max_steps": 2, "update": "head",
+                                            "head_noise_anchors": 96}, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(res.model.state_dict().values(),
+                                                 again.model.state_dict().values()))
+    whole = unlearn("l2ul", model, forget, {"max_steps": 2, "head_noise_anchors": 96}, seed=0)
+    assert "updated" not in whole.info

@@ -48,15 +48,19 @@ Which parameters move (``update``; with a retain sample ``retain_update``): ever
 the classifier head (``unlearning.head``: the trailing linear layers). The head alone runs on
 features computed once, so an update costs a pass through a few linear layers and sees every
 anchor and every retain row; it has fewer ways to separate a forget instance from its class,
-so it needs real rows to hold it in place. The default is the whole network without a retain
-sample and, with one, the head from ``head_min_retain`` rows on ("auto"); with fewer real
-rows, or a model without a head, the whole network.
+so it needs rows to hold it in place: real ones (a retain sample) or, from the forget set
+alone, ``head_noise_anchors`` points drawn afresh at every update around the forget rows'
+head inputs (``HeadNoise``), which bound how far around each instance the head may change.
+The default is the whole network without a retain sample and, with one, the head from
+``head_min_retain`` rows on ("auto"); with fewer real rows, or a model without a head, the
+whole network.
 
 Why each change, and the ablation that measures it: docs/l2ul.md.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +131,15 @@ class L2ULConfig:
     head_min_retain: int = 256
     head_updates: int = 5  # head updates per step (a step is the unit of max_steps)
     head_decay: float = 0.999  # per head update; replaces anchor_decay and retain_decay
+    # While the head alone moves: at every update, this many points drawn afresh around the
+    # forget rows' head inputs (Gaussian noise in each coordinate's spread over the forget
+    # rows, times a radius drawn per point, log-uniform from head_noise_scale divided by
+    # head_noise_spread to head_noise_scale times it; spread 1: one radius), distilled toward
+    # the unchanged head at the anchor weight. They bound how far around each forget
+    # instance the head may change, without any data: 0 = off.
+    head_noise_anchors: int = 0
+    head_noise_scale: float = 0.7
+    head_noise_spread: float = 2.0
     max_steps: int = 800
 
     def __post_init__(self) -> None:
@@ -147,6 +160,11 @@ class L2ULConfig:
             raise MethodConfigError("relax_progress", f"must be in [0, 1), got {self.relax_progress}")
         if not self.neighbour_weight >= 0:
             raise MethodConfigError("neighbour_weight", f"must be >= 0, got {self.neighbour_weight}")
+        if not self.head_noise_scale > 0:
+            raise MethodConfigError("head_noise_scale", f"must be > 0, got {self.head_noise_scale}")
+        if not self.head_noise_spread >= 1:
+            raise MethodConfigError("head_noise_spread",
+                                    f"must be >= 1, got {self.head_noise_spread}")
         if self.head_updates < 1:
             raise MethodConfigError("head_updates", f"must be >= 1, got {self.head_updates}")
         if not 0 < self.head_decay <= 1:
@@ -366,6 +384,40 @@ def _head_to_update(model, forget: ForgetSet, cfg: L2ULConfig, retain,
         return None
 
 
+class HeadNoise:
+    """Anchors around the forget rows' head inputs, drawn afresh at every update: each row
+    in turn plus Gaussian noise of each coordinate's spread over the forget rows (for one
+    row, its own magnitude) times a radius drawn per point, log-uniform between
+    ``scale / spread`` and ``scale * spread``; kept non-negative where every forget input is
+    (the head follows a ReLU), and labelled by the head as it is when this is built. Where the forget instances
+    must move and these points must not, the change stays close to each instance: a
+    data-free bound on what else it moves. The radius varies because one radius does not
+    fit every batch: a batch of a few rows needs far points to hold the space between its
+    instances, a large one near points, since the far points of one row fall on the others
+    (docs/l2ul.md)."""
+
+    def __init__(self, head: torch.nn.Module, f_forget: torch.Tensor, count: int,
+                 scale: float, spread: float, g: torch.Generator) -> None:
+        self.original = copy.deepcopy(head).eval().requires_grad_(False)
+        self.g, self.log_spread = g, math.log(spread)
+        coordinate = f_forget.std(0, keepdim=True) if len(f_forget) > 1 else f_forget.abs()
+        self.sd = scale * torch.nan_to_num(coordinate)
+        self.non_negative = bool((f_forget >= 0).all())
+        self.base = f_forget[torch.arange(count, device=f_forget.device) % len(f_forget)]
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` new points and the unchanged head's probabilities on them."""
+        base = self.base
+        noise = torch.randn(tuple(base.shape), generator=self.g).to(base.device, base.dtype)
+        radius = torch.empty((len(base),) + (1,) * (base.dim() - 1)).uniform_(
+            -self.log_spread, self.log_spread, generator=self.g).exp().to(base.device, base.dtype)
+        f = base + radius * self.sd * noise
+        if self.non_negative:
+            f = f.clamp_min(0)
+        with torch.no_grad():
+            return f, F.softmax(self.original(f), 1)
+
+
 def _warmup(opt: torch.optim.Optimizer, cfg: L2ULConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Adam's first steps move every weight by about lr before the anchors (distillation
     toward the unchanged model: zero gradient at step 0) push back; a warm-up shrinks them."""
@@ -388,7 +440,11 @@ def _update_head(model, forget: ForgetSet, cfg: L2ULConfig, retain, retain_teach
     f_retain = feats(retain.x) if retain is not None else None
     teacher, row_weight = setup["teacher"], setup["row_weight"]
     logits_of = lambda f: head(f).to(forget.x.device)
-    rows = len(f_forget) + len(f_anchor) + (len(f_retain) if f_retain is not None else 0)
+    near = HeadNoise(head, f_forget, cfg.head_noise_anchors, cfg.head_noise_scale,
+                     cfg.head_noise_spread, ctx.g) \
+        if cfg.head_noise_anchors else None
+    rows = len(f_forget) + len(f_anchor) + (len(f_retain) if f_retain is not None else 0) \
+        + cfg.head_noise_anchors
     # An update backpropagates through the head alone: it is not counted as example-gradients
     # of the whole model (``grad_examples``), but here, in rows through the head.
     ctx.info.update(updated=name, updated_parameters=sum(p.numel() for p in head.parameters()),
@@ -410,6 +466,9 @@ def _update_head(model, forget: ForgetSet, cfg: L2ULConfig, retain, retain_teach
             anchor = distill(out, teacher, row_weight) if cfg.anchor_loss == "kl" \
                 else (F.cross_entropy(out, setup["hard"], reduction="none") * row_weight).mean()
             loss = loss + weight * anchor
+        if near is not None:
+            f_near, near_teacher = near.draw()
+            loss = loss + weight * distill(logits_of(f_near), near_teacher)
         if f_retain is not None:
             loss = loss + retain_weight * distill(logits_of(f_retain), retain_teacher)
         return loss
