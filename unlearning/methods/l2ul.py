@@ -389,9 +389,9 @@ class HeadNoise:
     in turn plus Gaussian noise of each coordinate's spread over the forget rows (for one
     row, its own magnitude) times a radius drawn per point, log-uniform between
     ``scale / spread`` and ``scale * spread``; kept non-negative where every forget input is
-    (the head follows a ReLU), and labelled by the head as it is when this is built. Where the forget instances
-    must move and these points must not, the change stays close to each instance: a
-    data-free bound on what else it moves. The radius varies because one radius does not
+    (the head follows a ReLU), and labelled by the head as it is when this is built. Where
+    the forget instances must move and these points must not, the change stays close to
+    each instance: a data-free bound on what else it moves. The radius varies because one radius does not
     fit every batch: a batch of a few rows needs far points to hold the space between its
     instances, a large one near points, since the far points of one row fall on the others
     (docs/l2ul.md)."""
